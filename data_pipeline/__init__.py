@@ -1,0 +1,1 @@
+"""Data preparation: cleaning, tokenizer training, token shards and the streaming loader."""

@@ -1,0 +1,39 @@
+"""Configuration of the streaming training loader (section ``data`` of pretraining)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from crucible.config import Section
+
+
+class LoaderConfig(Section):
+    """Token-shard streaming loader (section ``data``)."""
+
+    manifests: list[str] = Field(default_factory=list)
+    """manifest.json paths (or URLs) of token-shard sets to train on."""
+    weights: list[float] | None = None
+    """Mixing weights, one per manifest (null: proportional to their sample counts)."""
+    seed: int = 1234
+    """Shuffle seed; the sample order is a pure function of seed and manifests."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per rank."""
+    shuffle_buffer_shards: int = Field(4, gt=0)
+    """Shards interleaved at once when shuffling within a rank."""
+    on_corrupt_shard: str = "error"
+    """error: stop with a message naming the shard; skip: skip it and count it."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoaderConfig":
+        if self.weights is not None and len(self.weights) != len(self.manifests):
+            raise ValueError(
+                f"data.weights has {len(self.weights)} entries but data.manifests has "
+                f"{len(self.manifests)}; give one weight per manifest"
+            )
+        if self.weights is not None and any(w <= 0 for w in self.weights):
+            raise ValueError(f"data.weights must all be positive, got {self.weights}")
+        if self.on_corrupt_shard not in ("error", "skip"):
+            raise ValueError(
+                f"data.on_corrupt_shard must be 'error' or 'skip', got {self.on_corrupt_shard!r}"
+            )
+        return self

@@ -1,0 +1,38 @@
+"""Pretrain a Transformer LM with DeepSpeed ZeRO.
+
+    deepspeed --num_gpus 2 launcher/pretrain.py --config configs/pretrain/cpu_tiny.yaml [section.key=value ...]
+
+Also runs under torchrun and as one plain python process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from crucible.cli import stage_main
+from training.config import PretrainConfig
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="validate the config, print the DeepSpeed config and per-GPU memory estimates, and exit",
+    )
+
+
+def _run(cfg: PretrainConfig, args: argparse.Namespace) -> int:
+    from training.pretrain import pretrain  # heavy imports only when training
+
+    return pretrain(cfg, dry_run=args.dry_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        PretrainConfig, _run, prog="launcher/pretrain.py", description=__doc__,
+        argv=argv, add_arguments=_add_arguments,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Transformer language model, its presets, heads, generation and Hugging Face conversion."""

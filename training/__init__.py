@@ -1,0 +1,1 @@
+"""DeepSpeed training: typed configs -> DeepSpeed config, pretrain and fine-tune loops."""

@@ -1,0 +1,161 @@
+"""Typed training configuration: one section per component.
+
+Sections: ``optim``, ``schedule``, ``train``, ``checkpoint``, ``log`` and ``task``; the
+pretrain and fine-tune root configs combine them with ``data`` (the loader) and ``model``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from crucible.config import Section
+from data_pipeline.loader_config import LoaderConfig
+from model.config import ModelConfig
+
+
+class OptimConfig(Section):
+    """AdamW optimizer (section ``optim``)."""
+
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay."""
+    decay_norms_and_embeddings: bool = False
+    """Also decay norm gains and embeddings (by default only weight matrices are decayed)."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """Adam beta1."""
+    beta2: float = Field(0.95, ge=0, lt=1)
+    """Adam beta2."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    implementation: Literal["torch", "deepspeed"] = "torch"
+    """torch: torch.optim.AdamW (exact resume on CPU); deepspeed: DeepSpeed's fused Adam / CPU Adam."""
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule (section ``schedule``)."""
+
+    kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Shape after warmup: cosine decay, linear decay, warmup-stable-decay, or constant."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps from 0 to optim.lr."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of optim.lr."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """wsd only: fraction of the steps after warmup spent decaying."""
+
+
+class TrainConfig(Section):
+    """Training loop and parallelism (section ``train``)."""
+
+    max_steps: int = Field(100, gt=0)
+    """Stop after this many optimizer steps."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Also stop once this many training tokens were consumed (null: no token limit)."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Sequences per rank per forward pass."""
+    grad_accum_steps: int = Field(1, gt=0)
+    """Micro batches accumulated per optimizer step."""
+    global_batch_size: int | None = Field(None, gt=0)
+    """Sequences per optimizer step over all ranks; checked against micro_batch x grad_accum x data-parallel size."""
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp16 (dynamic loss scaling) needs a GPU."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Offload the optimizer state (ZeRO 1-3)."""
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    """Offload the parameters (ZeRO 3 only)."""
+    nvme_path: str | None = None
+    """Directory on a fast local disk, required when an offload target is nvme."""
+    seed: int = 1234
+    """Seed for model init and every random choice of the run."""
+    eval_every: int = Field(50, ge=0)
+    """Run validation every N steps (0: only at the end)."""
+    eval_batches: int = Field(8, gt=0)
+    """Validation micro batches per evaluation."""
+    max_bad_steps: int = Field(5, gt=0)
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+    collective_timeout_s: float = Field(600.0, gt=0)
+    """A collective that waits longer than this (dead or hung rank) fails the run."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks cuda when available."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(
+                f"train.offload_params={self.offload_params} needs train.zero_stage=3 "
+                f"(got {self.zero_stage})"
+            )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got 0)")
+        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
+            raise ValueError("train.nvme_path must be set when offloading to nvme")
+        return self
+
+
+class CheckpointConfig(Section):
+    """Checkpointing and resume (section ``checkpoint``)."""
+
+    every: int = Field(100, ge=0)
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = Field(2, gt=0)
+    """Keep the newest K complete checkpoints."""
+    resume: Literal["auto", "never"] | str = "auto"
+    """auto: newest complete checkpoint in the run directory; never: start fresh; or a checkpoint path."""
+    write_model_dir: bool = True
+    """Write a model directory (safetensors + config + tokenizer) beside each kept checkpoint."""
+
+
+class LogConfig(Section):
+    """Console, file and TensorBoard logging (section ``log``)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Console log level of rank 0."""
+    every: int = Field(10, gt=0)
+    """Log training metrics every N steps."""
+    all_ranks: bool = False
+    """Print from every rank, not only rank 0."""
+    rank_files: bool = True
+    """Each rank also logs everything to <run_dir>/logs/rank<N>.log."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run_dir>/tensorboard."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Device peak for MFU in TFLOP/s (default: known GPU table, or a measured GEMM peak on CPU)."""
+    loss_spike_factor: float = Field(3.0, gt=1)
+    """Log a warning when the loss exceeds this multiple of its running mean."""
+
+
+class TaskConfig(Section):
+    """Fine-tune task (section ``task``)."""
+
+    kind: Literal["classification", "token_classification", "qa"] = "classification"
+    """Head type: sequence classification, token classification (NER) or extractive QA."""
+
+
+class PretrainConfig(Section):
+    """Root config of ``launcher/pretrain.py``."""
+
+    run_dir: str = "runs/pretrain"
+    """Run directory: checkpoints, logs, TensorBoard, model directories."""
+    data: LoaderConfig = Field(default_factory=LoaderConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        if self.schedule.warmup_steps >= self.train.max_steps and self.train.max_steps > 1:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be below "
+                f"train.max_steps ({self.train.max_steps})"
+            )
+        return self
