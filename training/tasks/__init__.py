@@ -1,0 +1,1 @@
+"""Fine-tune tasks: data, features, metrics and decoding per head type."""

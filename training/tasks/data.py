@@ -1,0 +1,230 @@
+"""Fine-tune data through ``datasets``: CSV/TSV, JSON lines, CoNLL columns, SQuAD JSON.
+
+Every split becomes a ``datasets.Dataset`` with a uniform schema per task kind:
+
+- classification: ``text``, optional ``text_pair``, ``label`` (str; list[str] for multi-label;
+  float for regression)
+- token_classification: ``tokens`` (list[str]), ``tags`` (list[str])
+- qa: ``id``, ``context``, ``question``, ``answers`` {``text``: [...], ``answer_start``: [...]}
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from crucible.errors import DataError
+from training.tasks.config import TaskConfig
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class TaskData:
+    train: datasets.Dataset
+    dev: datasets.Dataset
+    test: datasets.Dataset
+    labels: list[str] = field(default_factory=list)
+    """Index -> label name (classification and NER); empty for regression and QA."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Split -> file it came from (for messages and the run record)."""
+
+    def split(self, name: str) -> datasets.Dataset:
+        return getattr(self, name)
+
+
+def _require_file(path: str | None, what: str) -> Path:
+    if not path:
+        raise DataError(f"task.{what} is not set: give the path of the {what} file")
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"task.{what} file {p} does not exist")
+    return p
+
+
+def read_conll(path: Path, token_col: int = 0, tag_col: int = -1) -> datasets.Dataset:
+    """Sentences separated by blank lines; one token per line with whitespace-separated columns."""
+    sentences: list[dict[str, list[str]]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.rstrip("\n").rstrip("\r")
+            if not line.strip() or line.startswith("-DOCSTART-"):
+                if tokens:
+                    sentences.append({"tokens": tokens, "tags": tags})
+                    tokens, tags = [], []
+                continue
+            cols = line.split("\t") if "\t" in line else line.split()
+            if len(cols) < 2:
+                raise DataError(
+                    f"{path}:{lineno}: expected a word and a tag separated by a tab or space, got {line!r}"
+                )
+            tokens.append(cols[token_col])
+            tags.append(cols[tag_col].strip())
+    if tokens:
+        sentences.append({"tokens": tokens, "tags": tags})
+    return datasets.Dataset.from_list(sentences, features=datasets.Features(
+        {"tokens": datasets.Sequence(datasets.Value("string")),
+         "tags": datasets.Sequence(datasets.Value("string"))}))
+
+
+def read_squad(path: Path) -> datasets.Dataset:
+    """SQuAD v1.1 JSON (``{"data": [{"paragraphs": [{"context", "qas": [...]}]}]}``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not SQuAD JSON with a top-level 'data' list: {exc}") from None
+    rows = []
+    for article in data:
+        for para in article.get("paragraphs", []):
+            for qa in para.get("qas", []):
+                answers = qa.get("answers", [])
+                rows.append({
+                    "id": str(qa["id"]), "title": article.get("title", ""),
+                    "context": para["context"], "question": qa["question"],
+                    "answers": {"text": [a["text"] for a in answers],
+                                "answer_start": [int(a["answer_start"]) for a in answers]},
+                })
+    return datasets.Dataset.from_list(rows)
+
+
+def _read_table(path: Path, cfg: TaskConfig) -> datasets.Dataset:
+    kwargs: dict[str, Any] = {}
+    if cfg.format in ("tsv", "csv"):
+        kwargs = {"delimiter": "\t" if cfg.format == "tsv" else ",", "keep_default_na": False}
+        if cfg.format == "tsv":
+            kwargs["quoting"] = csv.QUOTE_NONE
+        if cfg.columns:
+            kwargs["column_names"] = cfg.columns
+        builder = "csv"
+    else:
+        builder = "json"
+    try:
+        ds = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+    except Exception as exc:  # datasets raises many kinds for malformed files
+        if "corresponds to no data" in str(exc):
+            raise DataError(f"{path} has no data rows: the split is empty") from None
+        raise DataError(f"could not read {path} as {cfg.format}: {exc}") from None
+    return ds
+
+
+def _classification_view(ds: datasets.Dataset, cfg: TaskConfig, path: Path) -> datasets.Dataset:
+    needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{path}: column(s) {missing} not found; the file has columns {ds.column_names} "
+            "(set task.text_column / task.label_column / task.text_pair_column, or task.columns "
+            "for a file without a header row)"
+        )
+
+    def convert(row: dict) -> dict:
+        label = row[cfg.label_column]
+        if cfg.problem_type == "regression":
+            value: Any = float(label)
+        elif cfg.problem_type == "multi_label":
+            value = sorted({x.strip() for x in str(label).split(cfg.label_separator) if x.strip()})
+        else:
+            value = str(label).strip()
+        out = {"text": str(row[cfg.text_column]).strip(), "label": value}
+        if cfg.text_pair_column:
+            out["text_pair"] = str(row[cfg.text_pair_column]).strip()
+        return out
+
+    label_type = {"regression": datasets.Value("float64"),
+                  "multi_label": datasets.Sequence(datasets.Value("string"))}.get(
+        cfg.problem_type, datasets.Value("string"))
+    features = {"text": datasets.Value("string"), "label": label_type}
+    if cfg.text_pair_column:
+        features["text_pair"] = datasets.Value("string")
+    return ds.map(convert, remove_columns=ds.column_names, features=datasets.Features(features))
+
+
+def read_split(path: Path, cfg: TaskConfig) -> datasets.Dataset:
+    if cfg.format == "conll":
+        return read_conll(path, cfg.conll_token_column, cfg.conll_tag_column)
+    if cfg.format == "squad":
+        return read_squad(path)
+    ds = _read_table(path, cfg)
+    if cfg.kind == "classification":
+        return _classification_view(ds, cfg, path)
+    return ds
+
+
+def _bucket(example: dict) -> float:
+    """Stable position in [0, 1) from the example's content (never Python's hash())."""
+    key = json.dumps(example, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+
+
+def hash_split(ds: datasets.Dataset, dev_fraction: float, test_fraction: float) -> dict[str, datasets.Dataset]:
+    """Split one file into train/dev/test by a content hash: stable across runs and machines."""
+    buckets = [_bucket(ex) for ex in ds]
+    dev_idx = [i for i, b in enumerate(buckets) if b < dev_fraction]
+    test_idx = [i for i, b in enumerate(buckets) if dev_fraction <= b < dev_fraction + test_fraction]
+    train_idx = [i for i, b in enumerate(buckets) if b >= dev_fraction + test_fraction]
+    return {"train": ds.select(train_idx), "dev": ds.select(dev_idx), "test": ds.select(test_idx)}
+
+
+def build_label_map(train: datasets.Dataset, cfg: TaskConfig) -> list[str]:
+    if cfg.kind == "qa" or cfg.problem_type == "regression":
+        return []
+    if cfg.kind == "token_classification":
+        tags = {t for row in train["tags"] for t in row}
+        # "O" first, then entity types grouped B/I, so ids are stable and readable
+        return sorted(tags, key=lambda t: (t != "O", t[2:] if t[:2] in ("B-", "I-") else t, t))
+    if cfg.problem_type == "multi_label":
+        return sorted({label for row in train["label"] for label in row})
+    return sorted(set(train["label"]), key=lambda x: (len(x), x) if x.lstrip("-").isdigit() else (10**9, x))
+
+
+def _check_labels(ds: datasets.Dataset, split: str, labels: list[str], cfg: TaskConfig, source: str) -> None:
+    if not labels:
+        return
+    known = set(labels)
+    if cfg.kind == "token_classification":
+        seen = {t for row in ds["tags"] for t in row}
+    elif cfg.problem_type == "multi_label":
+        seen = {label for row in ds["label"] for label in row}
+    else:
+        seen = set(ds["label"])
+    unseen = sorted(seen - known)
+    if unseen:
+        raise DataError(
+            f"{split} split ({source}) has label(s) {unseen[:10]} that never occur in the training "
+            f"data (known: {labels[:20]}); fix the labels or add training examples for them"
+        )
+
+
+def load_task_data(cfg: TaskConfig) -> TaskData:
+    """Read train/dev/test, split off dev/test by hash when missing, build and check the label map."""
+    train_path = _require_file(cfg.train, "train")
+    sources = {"train": str(train_path)}
+    train = read_split(train_path, cfg)
+    splits: dict[str, datasets.Dataset] = {"train": train}
+    if cfg.dev is None or cfg.test is None:
+        parts = hash_split(train, *cfg.split_fractions)
+        splits["train"] = parts["train"]
+        for name in ("dev", "test"):
+            if getattr(cfg, name) is None:
+                splits[name] = parts[name]
+                sources[name] = f"{train_path} (hash split)"
+    for name in ("dev", "test"):
+        if name not in splits:
+            path = _require_file(getattr(cfg, name), name)
+            splits[name] = read_split(path, cfg)
+            sources[name] = str(path)
+    for name in SPLITS:
+        if len(splits[name]) == 0:
+            raise DataError(f"the {name} split ({sources[name]}) is empty")
+    labels = build_label_map(splits["train"], cfg)
+    for name in ("dev", "test"):
+        _check_labels(splits[name], name, labels, cfg, sources[name])
+    return TaskData(splits["train"], splits["dev"], splits["test"], labels, sources)

@@ -1,0 +1,162 @@
+"""Extractive QA: windows over long contexts, answer positions, n-best span decoding, SQuAD metrics.
+
+Input layout per window: ``question EOS context_window EOS``. A long context gives several
+windows that overlap by ``doc_stride`` tokens. A window that does not contain the whole gold
+answer is trained to point at position 0 (the "no answer here" convention of Hugging Face QA
+heads). Decoding takes, over all windows of an example, the best valid span by start + end
+logit and returns its exact characters from the context through the offsets.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from typing import Any
+
+import numpy as np
+
+
+def answer_token_span(context: str, offsets: list[tuple[int, int]], start_char: int,
+                      end_char: int) -> tuple[int, int, bool] | None:
+    """First and last token covering [start_char, end_char), and whether the span's
+    characters are exactly the answer once glued edge punctuation is trimmed (False when an
+    answer edge falls inside a word)."""
+    start_tok = end_tok = None
+    for i, (s, e) in enumerate(offsets):
+        if start_tok is None and s <= start_char < e:
+            start_tok = i
+        if s < end_char <= e:
+            end_tok = i
+            break
+    if start_tok is None or end_tok is None or end_tok < start_tok:
+        return None
+    span = (offsets[start_tok][0], offsets[end_tok][1])
+    exact = span == (start_char, end_char) or trim_span(context, *span) == (start_char, end_char)
+    return start_tok, end_tok, exact
+
+
+EDGE_OPEN = "\"'([{“‘«"
+EDGE_CLOSE = "\"')]}”’».,;:!?"
+
+
+def trim_span(context: str, start: int, end: int) -> tuple[int, int]:
+    """Drop whitespace and edge punctuation that a token glued onto the span (``Newton,``).
+
+    sentencepiece merges punctuation into neighbouring pieces, so a token span can carry a
+    comma or quote that is not part of the answer; SQuAD scoring ignores punctuation anyway.
+    """
+    while start < end and (context[start].isspace() or context[start] in EDGE_OPEN):
+        start += 1
+    while end > start and (context[end - 1].isspace() or context[end - 1] in EDGE_CLOSE):
+        end -= 1
+    return start, end
+
+
+def _lstrip_offsets(context: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Offsets of sentencepiece pieces may include the leading space ("▁word"); drop it."""
+    out = []
+    for s, e in offsets:
+        while s < e and context[s].isspace():
+            s += 1
+        out.append((s, e))
+    return out
+
+
+def featurize(batch: dict[str, list], tokenizer: Any, max_length: int, doc_stride: int,
+              eos_id: int) -> dict[str, list]:
+    """One row per window: ids, the context-token offsets, start/end targets, example id.
+
+    An answer whose edge falls inside a token is trained on the covering tokens and flagged
+    ``answer_aligned=False`` (reported as answers that cannot align to token boundaries).
+    """
+    q_enc = tokenizer(batch["question"], add_special_tokens=False)["input_ids"]
+    c_enc = tokenizer(batch["context"], add_special_tokens=False, return_offsets_mapping=True)
+    out: dict[str, list] = {k: [] for k in (
+        "input_ids", "offsets", "context_start", "start", "end", "example_id", "answer_aligned")}
+    for q_ids, c_ids, c_off, context, answers, ex_id in zip(
+            q_enc, c_enc["input_ids"], c_enc["offset_mapping"], batch["context"],
+            batch["answers"], batch["id"]):
+        q_ids = list(q_ids)[: max_length // 2]
+        c_off = _lstrip_offsets(context, [tuple(o) for o in c_off])
+        room = max_length - len(q_ids) - 2
+        span = None
+        if answers["text"]:
+            a_start = answers["answer_start"][0]
+            span = answer_token_span(context, c_off, a_start, a_start + len(answers["text"][0]))
+        step = max(room - doc_stride, 1)
+        begin = 0
+        while True:
+            window = list(range(begin, min(begin + room, len(c_ids))))
+            ctx0 = len(q_ids) + 1
+            ids = q_ids + [eos_id] + [c_ids[i] for i in window] + [eos_id]
+            start = end = 0
+            if span is not None and window and window[0] <= span[0] and span[1] <= window[-1]:
+                start, end = ctx0 + span[0] - window[0], ctx0 + span[1] - window[0]
+            out["input_ids"].append(ids)
+            out["offsets"].append([list(c_off[i]) for i in window])
+            out["context_start"].append(ctx0)
+            out["start"].append(start)
+            out["end"].append(end)
+            out["example_id"].append(ex_id)
+            out["answer_aligned"].append(span is not None and span[2])
+            if begin + room >= len(c_ids):
+                break
+            begin += step
+    return out
+
+
+def decode_answers(start_logits: list[np.ndarray], end_logits: list[np.ndarray],
+                   features: Any, contexts: dict[str, str], n_best: int,
+                   max_answer_length: int) -> dict[str, str]:
+    """Best answer text per example id over all of its windows."""
+    best: dict[str, tuple[float, str]] = {}
+    for i in range(len(features)):
+        feat = features[i]
+        ex_id, offsets, ctx0 = feat["example_id"], feat["offsets"], feat["context_start"]
+        s_log, e_log = start_logits[i], end_logits[i]
+        n_ctx = len(offsets)
+        s_ctx = s_log[ctx0: ctx0 + n_ctx]
+        e_ctx = e_log[ctx0: ctx0 + n_ctx]
+        starts = np.argsort(s_ctx)[::-1][:n_best]
+        ends = np.argsort(e_ctx)[::-1][:n_best]
+        for s in starts:
+            for e in ends:
+                if e < s or e - s + 1 > max_answer_length:
+                    continue
+                score = float(s_ctx[s] + e_ctx[e])
+                if ex_id not in best or score > best[ex_id][0]:
+                    a, b = trim_span(contexts[ex_id], offsets[s][0], offsets[e][1])
+                    text = contexts[ex_id][a:b]
+                    best[ex_id] = (score, text)
+        best.setdefault(ex_id, (float("-inf"), ""))
+    return {k: v[1] for k, v in best.items()}
+
+
+# SQuAD v1.1 evaluation (answer normalisation, exact match, token F1), as in the official script.
+def normalize_answer(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _f1(prediction: str, truth: str) -> float:
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    common = collections.Counter(pred) & collections.Counter(gold)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def compute_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """SQuAD exact match and F1 in percent, each the max over the gold answers."""
+    em = f1 = 0.0
+    for ex_id, golds in references.items():
+        pred = predictions.get(ex_id, "")
+        em += max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
+        f1 += max(_f1(pred, g) for g in golds)
+    n = max(len(references), 1)
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}

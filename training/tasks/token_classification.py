@@ -1,0 +1,84 @@
+"""Token classification (NER): word <-> sub-word alignment, features, seqeval metrics.
+
+Words are joined with single spaces and tokenised once with offsets; each sub-word belongs to
+the word that contains its last character. The label of a word sits on its first sub-word;
+other sub-words get ``IGNORE`` (-100) so the loss counts each word once. Predictions are mapped
+back to words through the same first sub-word; words cut off by ``max_length`` are predicted
+``O`` and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE = -100
+
+
+def word_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The sentence text (words joined by one space) and each word's [start, end) characters."""
+    spans, pos = [], 0
+    for w in words:
+        spans.append((pos, pos + len(w)))
+        pos += len(w) + 1
+    return " ".join(words), spans
+
+
+def align(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int | None]:
+    """Word index of every sub-word (``None`` for a sub-word that is only whitespace)."""
+    owner: list[int | None] = []
+    w = 0
+    for start, end in offsets:
+        if end <= start:
+            owner.append(owner[-1] if owner else None)
+            continue
+        last = end - 1
+        while w < len(spans) and spans[w][1] <= last:
+            w += 1
+        owner.append(w if w < len(spans) and spans[w][0] <= last else None)
+    return owner
+
+
+def first_subword_index(owner: list[int | None], n_words: int) -> list[int | None]:
+    """Position of each word's first sub-word (``None`` when truncated away)."""
+    first: list[int | None] = [None] * n_words
+    for pos, w in enumerate(owner):
+        if w is not None and first[w] is None:
+            first[w] = pos
+    return first
+
+
+def featurize(batch: dict[str, list], tokenizer: Any, max_length: int, labels: list[str]) -> dict[str, list]:
+    index = {name: i for i, name in enumerate(labels)}
+    texts, spans = zip(*(word_spans(ws) for ws in batch["tokens"]))
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    out: dict[str, list] = {"input_ids": [], "target": [], "word_index": [], "truncated_words": []}
+    for ids, offsets, sp, tags in zip(enc["input_ids"], enc["offset_mapping"], spans, batch["tags"]):
+        ids, offsets = list(ids)[:max_length], list(offsets)[:max_length]
+        owner = align(offsets, list(sp))
+        first = first_subword_index(owner, len(sp))
+        target = [IGNORE] * len(ids)
+        for w, pos in enumerate(first):
+            if pos is not None:
+                target[pos] = index[tags[w]]
+        out["input_ids"].append(ids)
+        out["target"].append(target)
+        out["word_index"].append([-1 if p is None else p for p in first])
+        out["truncated_words"].append(sum(p is None for p in first))
+    return out
+
+
+def words_from_predictions(pred_ids: list[int], word_index: list[int], labels: list[str]) -> list[str]:
+    """Map per-sub-word predicted label ids back to one tag per word."""
+    return [labels[pred_ids[p]] if p >= 0 else "O" for p in word_index]
+
+
+def compute_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
+    """Entity-level precision, recall and F1 (seqeval, conlleval-compatible)."""
+    from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    return {
+        "precision": float(precision_score(gold, pred, zero_division=0)),
+        "recall": float(recall_score(gold, pred, zero_division=0)),
+        "f1": float(f1_score(gold, pred, zero_division=0)),
+        "token_accuracy": float(accuracy_score(gold, pred)),
+    }
