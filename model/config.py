@@ -1,12 +1,37 @@
-"""Model configuration and size presets."""
+"""Model configuration and size presets.
+
+A preset names a shape; keys written next to it win. The preset is applied when the config is
+validated (a ``mode="before"`` validator fills the keys the recipe did not set), so a config
+object always holds concrete numbers, and dumping it to YAML and loading it back gives the same
+model. :func:`resolve_model_config` additionally puts in the tokenizer's vocabulary size.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 from pydantic import model_validator
 
 from crucible.config import Section
+from crucible.errors import ConfigError
+
+# Llama-2-style shapes. 125M/350M/1.3B follow the GPT-3 paper's widths and depths with the
+# Llama block (SwiGLU at 8/3 * dim, RMSNorm, RoPE); 7B/13B/70B are Llama 2's shapes.
+# vocab_size is not part of a preset: it comes from the tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=32,
+                 max_seq_len=128),
+    "cpu-small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_multiple_of=64,
+                      max_seq_len=256),
+    "125M": dict(dim=768, n_layers=12, n_heads=12, ffn_multiple_of=256, max_seq_len=2048),
+    "350M": dict(dim=1024, n_layers=24, n_heads=16, ffn_multiple_of=256, max_seq_len=2048),
+    "1.3B": dict(dim=2048, n_layers=24, n_heads=16, ffn_multiple_of=256, max_seq_len=2048),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, ffn_multiple_of=256, max_seq_len=4096),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40, ffn_multiple_of=256, max_seq_len=4096),
+    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                ffn_multiple_of=4096, max_seq_len=4096),
+}
 
 
 class ModelConfig(Section):
@@ -15,7 +40,7 @@ class ModelConfig(Section):
     preset: str | None = None
     """Named size preset (tiny, cpu-small, 125M, 350M, 1.3B, 7B, 13B, 70B); explicit keys set here override it."""
     vocab_size: int = 32000
-    """Vocabulary size; taken from the tokenizer by the stages that have one."""
+    """Vocabulary size; replaced by the tokenizer's vocabulary size by the stages that have one."""
     dim: int = 256
     """Hidden size."""
     n_layers: int = 4
@@ -45,9 +70,22 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype when the model is built outside DeepSpeed (generation, export)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        name = data["preset"]
+        if name not in PRESETS:
+            raise ValueError(
+                f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)} "
+                "or set the shape keys (dim, n_layers, ...) yourself"
+            )
+        return {**PRESETS[name], **data}
+
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_multiple_of"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads:
@@ -57,6 +95,54 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({kv})"
             )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(
+                f"model.dim / model.n_heads = {self.dim // self.n_heads} must be even for rotary "
+                "embeddings; change model.dim or model.n_heads"
+            )
+        if self.ffn_dim is not None and self.ffn_dim <= 0:
+            raise ValueError(f"model.ffn_dim must be positive or null, got {self.ffn_dim}")
         if self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta must be positive, got {self.rope_theta}")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("model.norm_eps and model.init_std must be positive")
         return self
+
+    # Derived shapes (not config keys).
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The SwiGLU hidden size: ``ffn_dim`` or 8/3 * dim rounded up to ``ffn_multiple_of``."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(8 * self.dim / 3)
+        return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
+
+
+def resolve_model_config(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
+    """A concrete config: the named preset under the explicitly set keys, and the tokenizer's
+    vocabulary size (when given) in place of ``vocab_size``. ``preset`` is kept for the record.
+
+    Idempotent: resolving a resolved config (or one read back from a saved ``config.yaml``)
+    changes nothing but ``vocab_size``.
+    """
+    values: dict[str, Any] = {}
+    if cfg.preset is not None:
+        if cfg.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[cfg.preset])
+    values.update({k: getattr(cfg, k) for k in cfg.model_fields_set})
+    if vocab_size is not None:
+        if vocab_size <= 0:
+            raise ConfigError(f"the tokenizer's vocabulary size must be positive, got {vocab_size}")
+        values["vocab_size"] = vocab_size
+    values["preset"] = cfg.preset
+    full = {**{k: getattr(cfg, k) for k in type(cfg).model_fields}, **values}
+    return ModelConfig.model_validate(full)

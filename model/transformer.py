@@ -1,0 +1,271 @@
+"""Decoder-only Llama Transformer as one plain ``nn.Module``.
+
+RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query attention through
+``F.scaled_dot_product_attention``, no biases, optional tied embeddings. No distributed code.
+
+Rotary layout: like Hugging Face's Llama (and unlike Meta's original checkpoint format), a head's
+dimensions are rotated as pairs ``(i, i + head_dim/2)`` ("rotate_half"), so conversion to and
+from ``LlamaForCausalLM`` is a pure renaming of tensors with no row permutation.
+
+Construction: every leaf module initialises its own parameters in its constructor (so
+``deepspeed.zero.Init`` partitions weights that are already initialised, module by module, and no
+rank ever holds the whole model). Built under ``torch.device("meta")``, ``to_empty(device=...)``
+followed by :meth:`Transformer.init_weights` gives the same weights as building on the device
+directly, for the same torch seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Linear(nn.Module):
+    """Bias-free linear layer, initialised N(0, std) in its constructor.
+
+    ``weight`` given: the layer shares that parameter (tied output head) and never
+    re-initialises it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, std: float,
+                 weight: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.std = std
+        self.tied = weight is not None
+        self.weight = weight if weight is not None else nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.tied:
+            nn.init.normal_(self.weight, mean=0.0, std=self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int, std: float) -> None:
+        super().__init__()
+        self.std = std
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, gain applied in the input dtype (as Hugging Face's Llama)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies ``1 / theta^(2i/head_dim)`` (fp32), computed as Hugging Face does."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta ** exponent)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape ``positions.shape + (head_dim,)``, halves repeated."""
+    freqs = positions[..., None].float() * inv_freq  # (..., T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, H, T, D) by position: pairs (i, i + D/2) as one complex number."""
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of every layer for incremental decoding.
+
+    ``k[layer]``/``v[layer]``: (B, n_kv_heads, capacity, head_dim); ``length`` positions are filled.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch_size: int, capacity: int,
+              device: torch.device | str, dtype: torch.dtype) -> "KVCache":
+        shape = (batch_size, cfg.kv_heads, capacity, cfg.head_dim)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, out_std: float) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k_cache, v_cache, start = cache
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+            if gqa:  # masked GQA is not supported by every sdpa kernel: expand the heads
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.wo(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``w_down(silu(w_gate x) * w_up x)``."""
+
+    def __init__(self, cfg: ModelConfig, out_std: float) -> None:
+        super().__init__()
+        hidden = cfg.hidden_dim
+        self.w_gate = Linear(cfg.dim, hidden, cfg.init_std)
+        self.w_up = Linear(cfg.dim, hidden, cfg.init_std)
+        self.w_down = Linear(hidden, cfg.dim, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.init_depth_scaled else cfg.init_std
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, out_std)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg, out_std)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """The language model: ``forward(tokens (B, T)) -> logits (B, T, vocab_size)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        tied = self.embed.weight if cfg.tie_embeddings else None
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, cfg.init_std, weight=tied)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in construction order, so the same torch seed gives
+        the same weights as construction on a real device:
+
+        - token embedding, q/k/v projections, SwiGLU gate and up projections, untied output head:
+          N(0, init_std);
+        - the residual output projections (attention ``wo``, MLP ``w_down``):
+          N(0, init_std / sqrt(2 * n_layers)) with ``init_depth_scaled``, else N(0, init_std);
+        - RMSNorm gains: 1.
+
+        Also re-ties the output head to the embedding (``to_empty`` unties shared parameters).
+        The model has no buffers: rotary tables are computed in fp32 in each forward pass.
+        """
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when ``tie_embeddings`` (needed again after
+        ``to_empty`` or ``load_state_dict(assign=True)``, which untie shared parameters)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+            self.lm_head.tied = True
+
+    def forward(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``tokens`` (B, T).
+
+        Training/scoring: only ``tokens`` (causal attention over the sequence). Incremental
+        decoding (see :mod:`model.generate`): ``positions`` (B, T), ``cache`` (appended to at
+        ``cache.length``, which then advances by T) and a boolean ``mask`` (B, 1, T, cache
+        length + T) of the keys each query may see.
+        """
+        B, T = tokens.shape
+        x = self.embed(tokens)  # (B, T, C)
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=tokens.device)
+        cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)  # (T, D) or (B, T, D)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.length)
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, layer_cache, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, layer_cache, mask)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
+                dtype: torch.dtype | None = None) -> Transformer:
+    """A model with initialised weights on ``device`` (``seed`` given: seeded torch RNG)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(cfg)
+    return model.to(dtype or DTYPES[cfg.dtype])
