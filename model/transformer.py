@@ -235,7 +235,13 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for ``tokens`` (B, T).
+        """Logits (B, T, vocab_size) for ``tokens`` (B, T); arguments as :meth:`hidden_states`."""
+        return self.lm_head(self.hidden_states(tokens, positions=positions, cache=cache, mask=mask))
+
+    def hidden_states(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, dim) for ``tokens`` (B, T): what the output head
+        and the task heads read.
 
         Training/scoring: only ``tokens`` (causal attention over the sequence). Incremental
         decoding (see :mod:`model.generate`): ``positions`` (B, T), ``cache`` (appended to at
@@ -258,7 +264,7 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, layer_cache, mask)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        return self.norm(x)  # (B, T, C)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
