@@ -1,0 +1,259 @@
+"""Unit tests of the pretraining parts that need no ranks: DeepSpeed config generation and the
+batch check, LR schedules, weight-decay groups, the skipping optimizer, checkpoint markers /
+keep-last / resume selection, RNG round trip, fault policies, metrics helpers."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from crucible.config import load_config
+from crucible.errors import ConfigError, UserError
+from training import checkpoint as ckpt
+from training.config import OptimConfig, PretrainConfig, ScheduleConfig, TrainConfig
+from training.deepspeed_config import (
+    build_deepspeed_config,
+    check_device_support,
+    estimate_memory_per_gpu,
+    resolve_batch,
+)
+from training.faults import BadStepPolicy, LossSpikeDetector, TrainingDiverged
+from training.metrics import device_peak_tflops, measure_cpu_gemm_tflops, mfu
+from training.optim import SkippingAdamW, lr_at, param_groups
+
+
+# ------------------------------------------------------------------------- DeepSpeed config
+
+def test_batch_arithmetic_error_shows_all_four_numbers():
+    train = TrainConfig(micro_batch_size=4, grad_accum_steps=2, global_batch_size=24)
+    with pytest.raises(ConfigError) as err:
+        resolve_batch(train, 2)
+    msg = str(err.value)
+    for number in ("24", "4", "2", "16"):
+        assert number in msg
+    assert "train.global_batch_size" in msg and "data-parallel size (2)" in msg
+    assert "grad_accum_steps=3" in msg  # 24 / (4 x 2)
+
+
+def test_batch_arithmetic_ok_and_default_global():
+    assert resolve_batch(TrainConfig(micro_batch_size=4, grad_accum_steps=2, global_batch_size=16), 2) \
+        .global_batch_size == 16
+    assert resolve_batch(TrainConfig(micro_batch_size=3, grad_accum_steps=5), 4).global_batch_size == 60
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_per_stage(stage):
+    train = TrainConfig(zero_stage=stage, micro_batch_size=2, grad_accum_steps=3)
+    config = build_deepspeed_config(train, OptimConfig(grad_clip=0.5), 4)
+    assert config["train_batch_size"] == 24
+    assert config["train_micro_batch_size_per_gpu"] == 2
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["zero_optimization"]["stage"] == stage
+    # stage 0: our optimizer clips (so it can report the norm); DeepSpeed must not clip twice
+    assert config["gradient_clipping"] == (0.0 if stage == 0 else 0.5)
+    assert "optimizer" not in config and "fp16" not in config and "bf16" not in config
+    json.dumps(config)
+
+
+def test_deepspeed_config_fp16_bf16_offload():
+    fp16 = build_deepspeed_config(TrainConfig(precision="fp16", zero_stage=2), OptimConfig(), 1)
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    bf16 = build_deepspeed_config(TrainConfig(precision="bf16", zero_stage=3), OptimConfig(), 1)
+    assert bf16["bf16"]["enabled"] and bf16["data_types"]["grad_accum_dtype"] == "fp32"
+    off = build_deepspeed_config(
+        TrainConfig(zero_stage=3, offload_optimizer="nvme", offload_params="cpu", nvme_path="/nvme"),
+        OptimConfig(), 8)
+    zero = off["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/nvme"}
+    assert zero["offload_param"]["device"] == "cpu"
+    assert off["zero_force_ds_cpu_optimizer"] is False
+    ds_adam = build_deepspeed_config(TrainConfig(zero_stage=1), OptimConfig(implementation="deepspeed",
+                                                                            weight_decay=0.05), 1)
+    assert ds_adam["optimizer"]["type"] == "AdamW"
+    assert ds_adam["optimizer"]["params"]["weight_decay"] == 0.05
+
+
+def test_fp16_refused_on_cpu_with_clear_message():
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        check_device_support(TrainConfig(precision="fp16"), "cpu")
+    check_device_support(TrainConfig(precision="fp16"), "cuda")
+
+
+def test_offload_rules_name_the_keys():
+    with pytest.raises(ValueError, match="offload_params"):
+        TrainConfig(zero_stage=2, offload_params="cpu")
+    with pytest.raises(ValueError, match="nvme_path"):
+        TrainConfig(zero_stage=3, offload_optimizer="nvme")
+
+
+def test_memory_estimates_shrink_with_zero3():
+    total, largest = 7_000_000_000, 32000 * 4096
+    z1 = estimate_memory_per_gpu(TrainConfig(zero_stage=1, precision="bf16"), total, largest, 8, 1)
+    z3 = estimate_memory_per_gpu(TrainConfig(zero_stage=3, precision="bf16"), total, largest, 8, 1)
+    z0 = estimate_memory_per_gpu(TrainConfig(zero_stage=0, precision="bf16"), total, largest, 8, 1)
+    assert z3["gpu_gib"] < z1["gpu_gib"] < z0["gpu_gib"]
+    assert z0["gpu_gib"] == pytest.approx(total * 18 / 1024**3)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def _sched(**kw):
+    return ScheduleConfig(**kw)
+
+
+def test_warmup_then_cosine_reaches_min_lr():
+    s = _sched(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 1.0, s, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, s, 100) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, s, 100) == pytest.approx(1.0)
+    assert lr_at(99, 1.0, s, 100) == pytest.approx(0.1)
+    mid = lr_at(10 + 89 // 2, 1.0, s, 100)
+    assert 0.5 < mid < 0.6
+    values = [lr_at(i, 1.0, s, 100) for i in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_linear_constant_and_wsd():
+    lin = _sched(kind="linear", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(0, 2.0, lin, 11) == pytest.approx(2.0)
+    assert lr_at(5, 2.0, lin, 11) == pytest.approx(1.0)
+    assert lr_at(10, 2.0, lin, 11) == pytest.approx(0.0)
+    const = _sched(kind="constant", warmup_steps=4)
+    assert lr_at(1, 1.0, const, 50) == pytest.approx(0.5)
+    assert lr_at(49, 1.0, const, 50) == 1.0
+    wsd = _sched(kind="wsd", warmup_steps=0, min_lr_ratio=0.0, decay_fraction=0.2)
+    assert lr_at(50, 1.0, wsd, 101) == 1.0
+    assert lr_at(80, 1.0, wsd, 101) == 1.0  # decay starts at 80% of the steps
+    assert lr_at(90, 1.0, wsd, 101) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, wsd, 101) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------- optimizer behaviour
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.proj = torch.nn.Linear(4, 4)
+        self.gain = torch.nn.Parameter(torch.ones(4))
+
+
+def test_weight_decay_only_on_matrices_by_default():
+    model = _Tiny()
+    groups = param_groups(model, OptimConfig(weight_decay=0.1))
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decayed == {id(model.proj.weight)}
+    all_decay = param_groups(model, OptimConfig(decay_norms_and_embeddings=True))
+    assert len(all_decay) == 1 and len(all_decay[0]["params"]) == 4
+
+
+def test_skipping_adamw_skips_nonfinite_and_clips_at_stage0():
+    model = torch.nn.Linear(3, 1)
+    opt = SkippingAdamW(model.parameters(), lr=0.1, clip_grad=1.0)
+    before = model.weight.detach().clone()
+    model(torch.ones(2, 3)).sum().mul(float("nan")).backward()
+    opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    assert torch.equal(model.weight, before)
+    opt.zero_grad()
+    model(torch.ones(2, 3)).sum().mul(100).backward()
+    opt.step()
+    assert not opt.last_step_skipped and opt._global_grad_norm > 100
+    assert not torch.equal(model.weight, before)
+    assert math.isfinite(model.weight.sum().item())
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _make_ckpt(run_dir, step, complete=True):
+    path = ckpt.checkpoint_root(run_dir) / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    (path / "shard.pt").write_bytes(b"x")
+    if complete:
+        ckpt.mark_complete(path, {"step": step, "world_size": 2, "zero_stage": 1})
+    return path
+
+
+def test_resume_selects_newest_complete_and_prune_keeps_last(tmp_path):
+    _make_ckpt(tmp_path, 10)
+    _make_ckpt(tmp_path, 20)
+    _make_ckpt(tmp_path, 25, complete=False)  # a crash mid-save
+    _make_ckpt(tmp_path, 30)
+    _make_ckpt(tmp_path, 40, complete=False)  # a save in progress: never pruned
+    assert ckpt.find_resume_checkpoint(tmp_path, "auto").step == 30
+    assert ckpt.find_resume_checkpoint(tmp_path, "never") is None
+    assert json.loads((tmp_path / ckpt.LATEST).read_text())["step"] == 30
+    removed = ckpt.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step_00000010", "step_00000025"]
+    left = sorted(p.name for p in ckpt.checkpoint_root(tmp_path).iterdir())
+    assert left == ["step_00000020", "step_00000030", "step_00000040"]
+
+
+def test_resume_explicit_path_must_be_complete(tmp_path):
+    path = _make_ckpt(tmp_path, 5, complete=False)
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        ckpt.find_resume_checkpoint(tmp_path, str(path))
+    assert ckpt.find_resume_checkpoint(tmp_path, str(_make_ckpt(tmp_path, 6))).step == 6
+    assert ckpt.find_resume_checkpoint(tmp_path / "empty", "auto") is None
+
+
+def test_resume_refuses_other_model_or_tokenizer():
+    model = {"dim": 64, "n_layers": 2, "vocab_size": 512, "activation_checkpointing": False}
+    state = {"model_config": model, "tokenizer_sha256": "a" * 64}
+    ckpt.check_compatible(state, {**model, "activation_checkpointing": True}, "a" * 64)
+    with pytest.raises(ckpt.CheckpointMismatch, match="model.dim: checkpoint 64 vs now 128"):
+        ckpt.check_compatible(state, {**model, "dim": 128}, "a" * 64)
+    with pytest.raises(ckpt.CheckpointMismatch, match="tokenizer"):
+        ckpt.check_compatible(state, model, "b" * 64)
+
+
+def test_rng_state_round_trip(tmp_path):
+    import numpy as np
+
+    torch.manual_seed(3)
+    random.seed(4)
+    np.random.seed(5)
+    ckpt.write_rng_state(tmp_path, 0)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    assert ckpt.restore_rng_state(tmp_path, 0)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+    assert not ckpt.restore_rng_state(tmp_path, 7)
+
+
+# ---------------------------------------------------------------------------- faults, metrics
+
+def test_bad_step_policy_stops_after_k_in_a_row():
+    policy = BadStepPolicy(max_consecutive=3)
+    policy.record(0, True, float("nan"), 1.0)
+    policy.record(1, False, 2.0, 1.0)
+    policy.record(2, True, float("nan"), 1.0)
+    policy.record(3, True, 2.0, float("inf"))
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps up to step 4"):
+        policy.record(4, True, float("nan"), 1.0)
+    assert policy.total_skipped == 4
+
+
+def test_loss_spike_detector():
+    det = LossSpikeDetector(factor=2.0, warmup=3)
+    assert not any(det.update(i, 3.0) for i in range(5))
+    assert det.update(5, 10.0) and det.spikes == [5]
+    assert not det.update(6, float("nan"))
+
+
+def test_mfu_and_peaks():
+    assert mfu(1000.0, 6e9, 1.0, 2) == pytest.approx(3.0)
+    assert device_peak_tflops(torch.device("cpu"), "fp32", override=12.5) == 12.5
+    measured = measure_cpu_gemm_tflops(256, repeats=2)
+    assert 1e-4 < measured < 100
+
+
+def test_cpu_tiny_recipe_loads():
+    cfg = load_config(PretrainConfig, "configs/pretrain/cpu_tiny.yaml")
+    assert cfg.train.zero_stage in (0, 1, 2, 3)

@@ -1,0 +1,197 @@
+"""Typed training config -> DeepSpeed JSON config, with the batch arithmetic checked.
+
+The DeepSpeed config is always generated from :class:`training.config.PretrainConfig`, never
+hand-kept; the generated JSON is saved in the run directory (``deepspeed_config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crucible.errors import ConfigError
+from training.config import OptimConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The resolved batch arithmetic: ``global = micro x accum x data_parallel``."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    data_parallel_size: int
+    global_batch_size: int
+
+
+def resolve_batch(train: TrainConfig, data_parallel_size: int) -> BatchPlan:
+    """Check ``global_batch_size == micro_batch_size x grad_accum_steps x data_parallel_size``.
+
+    ``global_batch_size`` null means "whatever the product is". The error shows all four numbers
+    and how to fix them, because on a cluster the data-parallel size changes with the hostfile.
+    """
+    if data_parallel_size <= 0:
+        raise ConfigError(f"data-parallel size must be positive, got {data_parallel_size}")
+    product = train.micro_batch_size * train.grad_accum_steps * data_parallel_size
+    if train.global_batch_size is not None and train.global_batch_size != product:
+        hint = ""
+        per_rank = train.micro_batch_size * data_parallel_size
+        if train.global_batch_size % per_rank == 0:
+            hint = f" (e.g. train.grad_accum_steps={train.global_batch_size // per_rank})"
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) must equal "
+            f"train.micro_batch_size ({train.micro_batch_size}) x train.grad_accum_steps "
+            f"({train.grad_accum_steps}) x data-parallel size ({data_parallel_size}) = {product}; "
+            f"change one of them{hint} or set train.global_batch_size=null"
+        )
+    return BatchPlan(train.micro_batch_size, train.grad_accum_steps, data_parallel_size, product)
+
+
+def check_device_support(train: TrainConfig, device_type: str) -> None:
+    """Refuse combinations the device cannot run, with a message saying what to use instead."""
+    if device_type == "cpu" and train.precision == "fp16":
+        raise ConfigError(
+            "train.precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling has no CPU "
+            "implementation); use train.precision=fp32 (or bf16) on CPU"
+        )
+    if device_type == "cpu" and "nvme" in (train.offload_optimizer, train.offload_params):
+        raise ConfigError("nvme offload needs a GPU with async I/O; use train.offload_*=cpu or none on CPU")
+
+
+def _offload(target: str, nvme_path: str | None) -> dict[str, Any]:
+    block: dict[str, Any] = {"device": target, "pin_memory": target != "none"}
+    if target == "nvme":
+        block["nvme_path"] = nvme_path
+    return block
+
+
+def build_zero_section(train: TrainConfig) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage >= 1:
+        zero.update(
+            contiguous_gradients=True,
+            overlap_comm=train.device != "cpu",
+            reduce_bucket_size=int(5e8),
+            allgather_bucket_size=int(5e8),
+        )
+    if train.zero_stage == 3:
+        zero.pop("allgather_bucket_size")
+        zero.update(
+            stage3_prefetch_bucket_size=int(5e7),
+            stage3_param_persistence_threshold=int(1e5),
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if train.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(train.offload_optimizer, train.nvme_path)
+    if train.offload_params != "none":
+        zero["offload_param"] = _offload(train.offload_params, train.nvme_path)
+    return zero
+
+
+def build_precision_section(train: TrainConfig) -> dict[str, Any]:
+    if train.precision == "bf16":
+        return {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    if train.precision == "fp16":
+        return {
+            "fp16": {
+                "enabled": True,
+                "loss_scale": 0,  # 0 = dynamic loss scaling
+                "initial_scale_power": 16,
+                "loss_scale_window": 1000,
+                "hysteresis": 2,
+                "min_loss_scale": 1,
+            }
+        }
+    return {}
+
+
+def build_optimizer_section(optim: OptimConfig) -> dict[str, Any]:
+    """Only for ``optim.implementation=deepspeed``: DeepSpeed builds its fused / CPU Adam.
+
+    Weight decay per parameter group comes from the groups passed to ``deepspeed.initialize``.
+    """
+    return {
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": [optim.beta1, optim.beta2],
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+            },
+        }
+    }
+
+
+def build_deepspeed_config(
+    train: TrainConfig,
+    optim: OptimConfig,
+    data_parallel_size: int,
+    load_universal: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (pure function of the typed config and DP size)."""
+    plan = resolve_batch(train, data_parallel_size)
+    config: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        # DeepSpeed 0.19 clips at 1.0 unless told; 0.0 disables clipping. Without ZeRO our
+        # torch optimizer clips itself (and so can report the norm), see training.optim
+        "gradient_clipping": (
+            0.0 if train.zero_stage == 0 and optim.implementation == "torch" else float(optim.grad_clip)
+        ),
+        "zero_optimization": build_zero_section(train),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    config.update(build_precision_section(train))
+    if optim.implementation == "deepspeed":
+        config.update(build_optimizer_section(optim))
+    elif train.offload_optimizer != "none":
+        # let DeepSpeed accept our torch.optim.AdamW with an offloaded optimizer
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def save_deepspeed_config(config: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def estimate_memory_per_gpu(
+    train: TrainConfig, total_params: int, largest_layer_params: int, gpus_per_node: int, num_nodes: int
+) -> dict[str, float]:
+    """Model-state memory per GPU and per node (GiB) from DeepSpeed's own estimators.
+
+    Activations are not included (they depend on micro batch, sequence length and activation
+    checkpointing); the numbers bound weights, gradients and optimizer state.
+    """
+    gib = 1024**3
+    if train.zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total_params, largest_layer_params, gpus_per_node, num_nodes,
+            cpu_offload=train.offload_optimizer != "none",
+            cpu_offload_params=train.offload_params != "none",
+            zero_init=True,
+        )
+    elif train.zero_stage in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        cpu, gpu = estimate_zero2_model_states_mem_needs(
+            total_params, gpus_per_node, num_nodes, cpu_offload=train.offload_optimizer != "none"
+        )
+    else:
+        # no partitioning: 16-bit params + 16-bit grads + fp32 master/grad + Adam moments (18 B),
+        # or 16 B in fp32 (params, grads, two moments)
+        bytes_per_param = 16 if train.precision == "fp32" else 18
+        gpu, cpu = total_params * bytes_per_param, total_params * 4 * gpus_per_node
+    return {"gpu_gib": gpu / gib, "cpu_gib_per_node": cpu / gib}

@@ -1,0 +1,108 @@
+"""Distributed setup and the DeepSpeed engine: process group, model (partitioned under ZeRO-3),
+optimizer, ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from crucible.errors import ConfigError
+from model.config import ModelConfig
+from training.config import OptimConfig, TrainConfig
+from training.optim import build_optimizer, param_groups
+
+log = logging.getLogger("crucible.training.engine")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(train: TrainConfig, local_rank: int) -> torch.device:
+    if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(train: TrainConfig) -> DistContext:
+    """Join (or create) the process group: deepspeed launcher, torchrun, Slurm or one process.
+
+    The group's timeout is ``train.collective_timeout_s``: a dead or hung rank makes the others'
+    next collective fail instead of blocking forever. The accelerator must match the device:
+    on CPU set ``DS_ACCELERATOR=cpu`` (the tests and the CPU recipe do).
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    device = resolve_device(train, local_rank)
+    if device.type == "cpu" and os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
+        raise ConfigError("training on CPU needs the environment variable DS_ACCELERATOR=cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=timedelta(seconds=train.collective_timeout_s),
+            auto_mpi_discovery="SLURM_PROCID" in os.environ and "RANK" not in os.environ,
+        )
+    else:
+        deepspeed.init_distributed(dist_backend=backend)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def build_model(model_cfg: ModelConfig, ds_config: dict[str, Any], seed: int) -> torch.nn.Module:
+    """The Transformer; under ZeRO-3 built inside ``deepspeed.zero.Init`` so that every
+    parameter is partitioned as soon as it is created and no rank ever holds the whole model."""
+    import deepspeed
+
+    from model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    stage = ds_config["zero_optimization"]["stage"]
+    if stage == 3:
+        offload = ds_config["zero_optimization"].get("offload_param", {}).get("device")
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=offload):
+            return Transformer(model_cfg)
+    return Transformer(model_cfg)
+
+
+def build_engine(
+    model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str, Any]
+) -> tuple[Any, torch.optim.Optimizer]:
+    """``deepspeed.initialize`` with our :class:`~training.optim.SkippingAdamW`, or DeepSpeed's
+    own Adam (``optim.implementation=deepspeed``) over the same weight-decay groups.
+
+    Returns the engine and the optimizer whose ``param_groups`` carry the learning rate.
+    """
+    import deepspeed
+
+    optimizer = build_optimizer(model, optim, ds_config["zero_optimization"]["stage"])
+    if optimizer is None:
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, optim), config=ds_config
+        )
+        return engine, ds_optimizer
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer

@@ -1,0 +1,139 @@
+"""AdamW parameter groups, the learning-rate schedules, and the step-skipping optimizer.
+
+The learning rate is a pure function of the optimizer step (:func:`lr_at`), so resuming needs
+no scheduler state: the trainer sets it on every step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from training.config import OptimConfig, ScheduleConfig
+
+
+def lr_at(step: int, peak_lr: float, schedule: ScheduleConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Linear warmup from ``peak/warmup`` to ``peak`` over ``warmup_steps``, then:
+    ``cosine`` / ``linear`` decay to ``min_lr_ratio * peak`` at the last step; ``wsd`` holds the
+    peak and decays linearly over the last ``decay_fraction`` of the post-warmup steps;
+    ``constant`` holds the peak.
+    """
+    warmup = schedule.warmup_steps
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    min_lr = peak_lr * schedule.min_lr_ratio
+    if schedule.kind == "constant":
+        return peak_lr
+    span = max(total_steps - 1 - warmup, 1)
+    progress = min(max((step - warmup) / span, 0.0), 1.0)
+    if schedule.kind == "cosine":
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule.kind == "linear":
+        return peak_lr + (min_lr - peak_lr) * progress
+    # wsd: stable until the decay phase, then linear to min_lr
+    decay_start = 1.0 - schedule.decay_fraction
+    if progress <= decay_start:
+        return peak_lr
+    return peak_lr + (min_lr - peak_lr) * (progress - decay_start) / schedule.decay_fraction
+
+
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """Two AdamW groups: weight matrices decayed; norms, biases and (by default) embeddings not.
+
+    Embeddings are recognised as parameters of ``nn.Embedding`` modules.
+    """
+    embedding_params = {
+        id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
+    }
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        # ZeRO-3 partitions parameters in place; ds_shape keeps the logical shape
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        is_matrix = ndim >= 2 and id(p) not in embedding_params
+        if is_matrix or (optim.decay_norms_and_embeddings and ndim >= 1):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class SkippingAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` that skips a step whose gradients are non-finite on any rank.
+
+    DeepSpeed checks for overflow only in fp16; in fp32/bf16 one NaN gradient would poison the
+    weights. ZeRO hands this optimizer the (clipped) gradients of each rank's partition, so the
+    check all-reduces one flag and every rank skips or steps together. ``skipped_steps`` counts
+    the skipped steps; ``last_step_skipped`` tells the trainer about the current one.
+    """
+
+    def __init__(self, params: Iterable[Any], clip_grad: float | None = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        # Without ZeRO (stage 0) the engine neither reports the gradient norm nor clips before
+        # this step sees full gradients; then this optimizer clips and records the norm itself
+        # (DeepSpeed's engine reads ``_global_grad_norm`` from its optimizer).
+        self.clip_grad = clip_grad
+        if clip_grad is not None:
+            self._global_grad_norm: float | None = None
+
+    def _clip(self) -> None:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.clip_grad if self.clip_grad else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        self._global_grad_norm = float(norm)
+
+    def _all_grads_finite(self) -> bool:
+        finite = torch.ones(1)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    finite.zero_()
+                    break
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.clip_grad is not None:
+            self._clip()
+        if not self._all_grads_finite():
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return None
+        self.last_step_skipped = False
+        return super().step(closure)
+
+
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, zero_stage: int = 1
+) -> torch.optim.Optimizer | None:
+    """A :class:`SkippingAdamW` over :func:`param_groups`, or None when DeepSpeed builds its own.
+
+    ``foreach`` is used on every device; ``fused`` is not (it is not bit-stable across
+    resume on CPU).
+    """
+    if optim.implementation == "deepspeed":
+        return None
+    return SkippingAdamW(
+        param_groups(model, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+        eps=optim.eps, weight_decay=optim.weight_decay, foreach=True,
+        clip_grad=optim.grad_clip if zero_stage == 0 else None,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
