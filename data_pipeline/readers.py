@@ -149,11 +149,54 @@ def open_binary(path: str) -> IO[bytes]:
     if lower.endswith(".bz2"):
         return bz2.open(path, "rb")
     if lower.endswith((".zst", ".zstd")):
-        import zstandard
-        raw = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader)  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdRaw(path))
     return open(path, "rb")
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Streaming zstd decompression that, unlike ``stream_reader``, notices a truncated frame."""
+
+    def __init__(self, path: str) -> None:
+        import zstandard
+
+        self._zstd = zstandard
+        self._file = open(path, "rb")
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        while not self._pending:
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended before the end of its frame (truncated file)")
+                return 0
+            self._feed(chunk)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _feed(self, chunk: bytes) -> None:
+        while chunk:
+            self._in_frame = True
+            try:
+                self._pending += self._obj.decompress(chunk)
+            except self._zstd.ZstdError as exc:
+                raise ValueError(f"corrupt zstd data: {exc}") from None
+            if not self._obj.eof:
+                return
+            self._in_frame = False
+            chunk = self._obj.unused_data
+            self._obj = self._zstd.ZstdDecompressor().decompressobj()
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 STREAM_ERRORS = (EOFError, OSError, zlib.error, ValueError)
@@ -379,43 +422,40 @@ class Reader:
                 yield self.error("empty_file", 0, "file holds no data")
                 return
             raw.seek(0)
-            seen_any = False
-            for record in ArchiveIterator(raw, record_types=wanted, parse_http=not is_wet):
-                seen_any = True
-                offset = record.stream_pos
-                self.position = offset
-                url = record.headers.get("WARC-Target-URI")
-                rec_id = record.record_id or f"{self.inp.name}:{offset}"
-                if record.content_length > self.max_doc_bytes:
-                    yield self.error("document_too_large", offset, f"WARC record at byte {offset} is "
-                                     f"{record.content_length} bytes (> data.max_doc_bytes)")
-                    continue
-                try:
-                    payload = record.reader.read()
-                except Exception as exc:  # FastWARC raises plain exceptions on corrupt payloads
-                    yield self.error("malformed_warc", offset, f"record at byte {offset}: {exc}")
-                    continue
-                if is_wet:
-                    yield self.doc(decode_text(payload, self.fallbacks), offset, rec_id, url)
-                    continue
-                if not record.http_headers:
-                    yield self.error("malformed_warc", offset, f"record at byte {offset}: no HTTP headers")
-                    continue
-                ctype = (record.http_content_type or "").lower()
-                if "html" not in ctype:
-                    continue  # images, PDFs, robots.txt: not documents of this stage
-                meta = {"http_status": record.http_headers.status_code}
-                yield self.doc("", offset, rec_id, url, meta, html=payload)
-            if not seen_any and not _looks_like_warc(self.inp.path):
-                yield self.error("malformed_warc", 0, "no WARC record could be parsed from this file")
+            try:
+                yield from self._warc_records(ArchiveIterator(raw, record_types=wanted, parse_http=not is_wet), is_wet)
+            except (OSError, ValueError) as exc:
+                yield self.error("malformed_warc", self.position, f"after byte {self.position}: {exc}")
+                return
 
-
-def _looks_like_warc(path: str) -> bool:
-    try:
-        with open_binary(path) as f:
-            return f.read(8).startswith(b"WARC/")
-    except STREAM_ERRORS:
-        return False
+    def _warc_records(self, records, is_wet: bool) -> Iterator[Record]:
+        for record in records:
+            offset = record.stream_pos
+            self.position = offset
+            url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")
+            rec_id = record.record_id or f"{self.inp.name}:{offset}"
+            if record.content_length > self.max_doc_bytes:
+                yield self.error("document_too_large", offset, f"WARC record at byte {offset} is "
+                                 f"{record.content_length} bytes (> data.max_doc_bytes)")
+                continue
+            try:
+                payload = record.reader.read()
+            except Exception as exc:  # FastWARC raises plain exceptions on corrupt payloads
+                yield self.error("malformed_warc", offset, f"record at byte {offset}: {exc}")
+                continue
+            if is_wet:
+                yield self.doc(decode_text(payload, self.fallbacks), offset, rec_id, url)
+                continue
+            if not record.http_headers:
+                yield self.error("malformed_warc", offset, f"record at byte {offset}: no HTTP headers")
+                continue
+            ctype = (record.http_content_type or "").lower()
+            if "html" not in ctype:
+                # images, PDFs, robots.txt: not documents of this stage (counted, not read)
+                self.fallbacks["warc_non_html_skipped"] = self.fallbacks.get("warc_non_html_skipped", 0) + 1
+                continue
+            meta = {"http_status": record.http_headers.status_code}
+            yield self.doc("", offset, rec_id, url, meta, html=payload)
 
 
 def read_input(inp: InputFile, source: SourceConfig, max_doc_bytes: int) -> Reader:
