@@ -343,16 +343,31 @@ class _LoaderBase:
 
 # ---------------------------------------------------------------- training loader
 
+@dataclass
+class _Plan:
+    """What a process needs to build this rank's batches (no reference back to the loader, so
+    dropping a loader closes its iterator and DataLoader workers at once)."""
+
+    sources: list[Source]
+    cfg: LoaderConfig
+    rank: int
+    micro_batch_size: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.world_size
+
+
 class _BatchMaker:
     """Builds this rank's rows of successive global batches from a schedule (one per process)."""
 
-    def __init__(self, loader: "TrainLoader", stats: dict) -> None:
-        self.sources = loader.sources
-        self.cfg = loader.cfg
-        self.rows = slice(loader.rank * loader.micro_batch_size,
-                          (loader.rank + 1) * loader.micro_batch_size)
-        self.global_batch = loader.global_batch_size
-        self.readers = [ShardReader(s.manifest, "train", loader.cfg.on_corrupt_shard, stats)
+    def __init__(self, plan: _Plan, stats: dict) -> None:
+        self.sources = plan.sources
+        self.cfg = plan.cfg
+        self.rows = slice(plan.rank * plan.micro_batch_size, (plan.rank + 1) * plan.micro_batch_size)
+        self.global_batch = plan.global_batch
+        self.readers = [ShardReader(s.manifest, "train", plan.cfg.on_corrupt_shard, stats)
                         for s in self.sources]
         self._orders: dict[tuple[int, int], EpochOrder] = {}
 
@@ -382,15 +397,16 @@ class _BatchMaker:
 class _WorkerStream(torch.utils.data.IterableDataset):
     """DataLoader dataset: worker k of K yields batches k, k + K, ... from a start schedule."""
 
-    def __init__(self, loader: "TrainLoader", start: Schedule) -> None:
-        self.loader = loader
+    def __init__(self, plan: _Plan, start: Schedule, stats: dict) -> None:
+        self.plan = plan
         self.start = start
+        self.stats = stats
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
         k, n = (info.id, info.num_workers) if info is not None else (0, 1)
         schedule = self.start.copy()
-        maker = _BatchMaker(self.loader, self.loader.stats)
+        maker = _BatchMaker(self.plan, self.stats)
         try:
             for _ in range(k):
                 schedule.take(maker.global_batch)
@@ -400,6 +416,28 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     schedule.take(maker.global_batch)
         finally:
             maker.close()
+
+
+def _generate(plan: _Plan, schedule: Schedule, stats: dict) -> Iterator[torch.Tensor]:
+    """Batches from ``schedule``'s position on; advances ``schedule`` as each is handed out."""
+    start = schedule.copy()
+    if plan.cfg.num_workers == 0:
+        maker = _BatchMaker(plan, stats)
+        try:
+            while True:
+                batch = maker.make(start)
+                schedule.take(plan.global_batch)
+                yield batch
+        finally:
+            maker.close()
+    else:
+        dl = torch.utils.data.DataLoader(
+            _WorkerStream(plan, start, stats), batch_size=None,
+            num_workers=plan.cfg.num_workers, prefetch_factor=2, persistent_workers=False,
+        )
+        for batch in dl:
+            schedule.take(plan.global_batch)
+            yield batch
 
 
 class TrainLoader(_LoaderBase):
@@ -413,6 +451,7 @@ class TrainLoader(_LoaderBase):
     def __init__(self, cfg: LoaderConfig, micro_batch_size: int, rank: int, world_size: int) -> None:
         super().__init__(cfg, micro_batch_size, rank, world_size, "train")
         self._schedule = Schedule(self.sources)
+        self._plan = _Plan(self.sources, cfg, rank, micro_batch_size, world_size)
         self._iterator: Iterator[torch.Tensor] | None = None
 
     # -- iteration
@@ -427,27 +466,7 @@ class TrainLoader(_LoaderBase):
         return next(self._iterator)
 
     def _generate(self) -> Iterator[torch.Tensor]:
-        start = self._schedule.copy()
-        if self.cfg.num_workers == 0:
-            maker = _BatchMaker(self, self.stats)
-            try:
-                while True:
-                    batch = maker.make(start)
-                    self._advance()
-                    yield batch
-            finally:
-                maker.close()
-        else:
-            dl = torch.utils.data.DataLoader(
-                _WorkerStream(self, start), batch_size=None, num_workers=self.cfg.num_workers,
-                prefetch_factor=2, persistent_workers=False,
-            )
-            for batch in dl:
-                self._advance()
-                yield batch
-
-    def _advance(self) -> None:
-        self._schedule.take(self.global_batch_size)
+        return _generate(self._plan, self._schedule, self.stats)
 
     def _close_iterator(self) -> None:
         if self._iterator is not None:

@@ -17,11 +17,15 @@ class LoaderConfig(Section):
     seed: int = 1234
     """Shuffle seed; the sample order is a pure function of seed and manifests."""
     num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (0: read in the training process); the batches do
+    not depend on it."""
     shuffle_buffer_shards: int = Field(4, gt=0)
-    """Shards interleaved at once when shuffling within a rank."""
+    """Shards whose samples are shuffled together: each epoch permutes the shards, then the
+    samples within each window of this many consecutive shards (larger: better mixing, reads
+    spread over more files at once)."""
     on_corrupt_shard: str = "error"
-    """error: stop with a message naming the shard; skip: skip it and count it."""
+    """error: stop with a message naming the shard; skip: replace its samples by another row of
+    the same batch and count them (loader.stats)."""
 
     @model_validator(mode="after")
     def _check(self) -> "LoaderConfig":

@@ -62,3 +62,21 @@ def make_token_dataset(
                       validation_fraction=validation_fraction)
     write_token_shards(sample_texts(), tok_dir, out_dir / "shards", cfg)
     return manifest
+
+
+def shared_token_dataset(tmp_path_factory) -> Path:
+    """One token dataset per test session (every test file asking for it shares the folder)."""
+    return make_token_dataset(tmp_path_factory.getbasetemp() / "token_dataset")
+
+
+def read_split_samples(manifest_path: Path, split: str = "train") -> list[bytes]:
+    """Every sample of a split, in shard order, read with plain webdataset (an independent reader)."""
+    from webdataset.tariterators import tarfile_to_samples
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    base = Path(manifest_path).parent
+    samples = []
+    for entry in manifest["splits"][split]:
+        for sample in tarfile_to_samples()([{"url": str(base / entry["path"])}]):
+            samples.append(sample["tokens"])
+    return samples
