@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from crucible.config import config_to_dict
 from crucible.errors import DataError
 from crucible.provenance import provenance, write_provenance
 from data_pipeline.manifest import (
@@ -239,13 +240,25 @@ def _manifest(out, tokenizer_dir, sp, dtype, cfg, packers, writers, split_docume
             "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
         },
         "splits": {s: writers[s].entries for s in SPLITS},
+        "shard_config": config_to_dict(cfg),
         "totals": totals,
         "provenance": provenance(root_cfg if root_cfg is not None else cfg),
     }
 
 
 def is_complete(out_dir: str | Path) -> bool:
+    """The manifest is written last: its presence marks a finished shard folder."""
     return (Path(out_dir) / MANIFEST_FILE).is_file()
+
+
+def is_up_to_date(out_dir: str | Path, tokenizer_dir: str | Path, cfg: ShardConfig) -> bool:
+    """Complete, and made with this tokenizer (by checksum) and these shard settings."""
+    if not is_complete(out_dir):
+        return False
+    manifest = json.loads((Path(out_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    model = Path(tokenizer_dir) / MODEL_FILE
+    return (model.is_file() and manifest.get("tokenizer", {}).get("sha256") == sha256_file(model)
+            and manifest.get("shard_config") == config_to_dict(cfg))
 
 
 def run_shard(cfg) -> dict[str, Any]:
@@ -254,3 +267,42 @@ def run_shard(cfg) -> dict[str, Any]:
         raise DataError("shard needs input=<clean shard folder> tokenizer_dir=<folder> output=<folder>")
     texts = (doc["text"] for doc in iter_clean_documents(cfg.input))
     return write_token_shards(texts, cfg.tokenizer_dir, cfg.output, cfg.shard, root_cfg=cfg)
+
+
+def run_prepare_data(cfg) -> dict[str, Any]:
+    """clean -> tokenizer -> shards under ``cfg.output`` (``clean/``, ``tokenizer/``, ``shards/``).
+
+    Each step is skipped when its output is complete and was made with the same settings
+    (cleaning decides that itself, from its own marker and work folder).
+    """
+    from data_pipeline import tokenizer as tok
+
+    if not cfg.output:
+        raise DataError("prepare_data needs output=<root folder> (clean/, tokenizer/, shards/ go inside)")
+    root = Path(cfg.output)
+    clean_dir, shard_dir = root / "clean", root / "shards"
+    tok_dir = Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else root / "tokenizer"
+    steps: dict[str, str] = {}
+
+    from data_pipeline import clean  # imported lazily: the cleaning stack is heavy
+
+    if clean.is_complete(clean_dir):
+        steps["clean"] = "skipped (complete)"
+    else:
+        clean.run_clean(cfg.model_copy(update={"output": str(clean_dir)}))
+        steps["clean"] = "done"
+    stage_cfg = cfg.model_copy(update={"input": str(clean_dir), "tokenizer_dir": str(tok_dir)})
+    if tok.is_up_to_date(tok_dir, cfg.tokenizer):
+        steps["tokenizer"] = "skipped (complete)"
+    else:
+        tok.run_build_tokenizer(stage_cfg.model_copy(update={"output": str(tok_dir)}))
+        steps["tokenizer"] = "done"
+    if is_up_to_date(shard_dir, tok_dir, cfg.shard):
+        steps["shards"] = "skipped (complete)"
+    else:
+        run_shard(stage_cfg.model_copy(update={"output": str(shard_dir)}))
+        steps["shards"] = "done"
+    for step, what in steps.items():
+        log.info("%s: %s", step, what)
+    return {"steps": steps, "clean": str(clean_dir), "tokenizer": str(tok_dir),
+            "manifest": str(shard_dir / MANIFEST_FILE)}

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 import xxhash
 
+from crucible.config import config_to_dict
 from crucible.errors import DataError
 from crucible.provenance import write_provenance
 from data_pipeline.tario import atomic_write_text, sha256_file
@@ -53,6 +54,8 @@ def sample_documents(
 ) -> tuple[list[str], list[str], int]:
     """Bottom-k sample by text hash in one pass: ``(train, heldout, documents_seen)``.
 
+    At most a tenth of the sampled documents is held out.
+
     Memory holds at most ``n_train + n_heldout`` documents and about ``max_bytes`` of text
     (documents with the largest hashes are evicted first when the byte budget is exceeded).
     """
@@ -71,6 +74,7 @@ def sample_documents(
             _, dropped = heapq.heappop(heap)
             held_bytes -= len(dropped.encode("utf-8", "surrogatepass"))
     ordered = [text for _, text in sorted(heap, key=lambda item: (-item[0], item[1]))]
+    n_heldout = min(n_heldout, len(ordered) // 10)  # a small corpus keeps 90% for training
     return ordered[n_heldout:], ordered[:n_heldout], seen
 
 
@@ -223,6 +227,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
     hf = build_hf_tokenizer(out / MODEL_FILE)
     hf.save_pretrained(str(out))
     report = {
+        "tokenizer_config": config_to_dict(cfg),
         "model_type": cfg.model_type,
         "vocab_size": sp.get_piece_size(),
         "ids": {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()},
@@ -243,6 +248,16 @@ def is_complete(tokenizer_dir: str | Path) -> bool:
     """The report is written last: its presence marks a finished tokenizer folder."""
     d = Path(tokenizer_dir)
     return (d / REPORT_FILE).is_file() and (d / MODEL_FILE).is_file()
+
+
+def is_up_to_date(tokenizer_dir: str | Path, cfg: TokenizerConfig) -> bool:
+    """Complete and trained with these settings (``num_threads`` aside)."""
+    if not is_complete(tokenizer_dir):
+        return False
+    report = json.loads((Path(tokenizer_dir) / REPORT_FILE).read_text(encoding="utf-8"))
+    ignore = {"num_threads"}
+    saved = {k: v for k, v in report.get("tokenizer_config", {}).items() if k not in ignore}
+    return saved == {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
 
 
 def load_sentencepiece(tokenizer_dir: str | Path) -> spm.SentencePieceProcessor:

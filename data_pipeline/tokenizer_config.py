@@ -41,7 +41,8 @@ class TokenizerConfig(Section):
     sample_bytes: int = Field(200_000_000, gt=0)
     """Upper bound on the UTF-8 bytes of the training sample held in memory."""
     heldout_documents: int = Field(200, ge=0)
-    """Documents held back from training to measure bytes per token and tokens per word."""
+    """Documents held back from training to measure bytes per token and tokens per word (at
+    most a tenth of the sample)."""
     seed: int = 1234
     """Seed of the document sample."""
     num_threads: int = Field(2, gt=0)
