@@ -113,7 +113,10 @@ class FaultInjection:
     ``CRUCIBLE_FAULT_NAN_RANK`` (default 0); ``CRUCIBLE_FAULT_KILL_IN_SAVE``: the rank
     ``CRUCIBLE_FAULT_KILL_RANK`` (default 1) SIGKILLs itself after writing its part of the
     checkpoint of that step, before the completion marker; ``CRUCIBLE_FAULT_HANG_STEP``: rank
-    ``CRUCIBLE_FAULT_KILL_RANK`` sleeps forever before that step (a hung rank).
+    ``CRUCIBLE_FAULT_KILL_RANK`` sleeps forever before that step (a hung rank);
+    ``CRUCIBLE_FAULT_STEP_SLEEP``: seconds every rank sleeps per step (so a test can signal a
+    run mid-flight); ``CRUCIBLE_RECORD_SAMPLES=1``: every rank appends the sha1 of each sample it
+    trains on to ``<run_dir>/samples/rank<R>.jsonl`` (audits of the data order).
     """
 
     nan_steps: frozenset[int] = frozenset()
@@ -121,6 +124,8 @@ class FaultInjection:
     kill_in_save_step: int | None = None
     hang_step: int | None = None
     fault_rank: int = 1
+    step_sleep: float = 0.0
+    record_samples: bool = False
 
     @classmethod
     def from_env(cls) -> "FaultInjection":
@@ -136,6 +141,8 @@ class FaultInjection:
             kill_in_save_step=_int("CRUCIBLE_FAULT_KILL_IN_SAVE"),
             hang_step=_int("CRUCIBLE_FAULT_HANG_STEP"),
             fault_rank=_int("CRUCIBLE_FAULT_KILL_RANK") if env.get("CRUCIBLE_FAULT_KILL_RANK") else 1,
+            step_sleep=float(env.get("CRUCIBLE_FAULT_STEP_SLEEP") or 0.0),
+            record_samples=env.get("CRUCIBLE_RECORD_SAMPLES", "") not in ("", "0"),
         )
 
     def nan_now(self, step: int, rank: int) -> bool:
@@ -147,9 +154,11 @@ class FaultInjection:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def maybe_hang(self, step: int, rank: int) -> None:
-        if self.hang_step == step and rank == self.fault_rank:
-            import time
+        import time
 
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
+        if self.hang_step == step and rank == self.fault_rank:
             log.warning("fault injection: rank %d hangs before step %d", rank, step)
             while True:
                 time.sleep(3600)

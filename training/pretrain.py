@@ -8,6 +8,7 @@ Slurm, as one plain python process, and inside an already initialised gloo proce
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -287,12 +288,21 @@ class Trainer:
         logits = self.engine(tokens[:, :-1])  # (B, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
+    def _record_samples(self, step: int, tokens: torch.Tensor) -> None:
+        out = self.run_dir / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        hashes = [hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in tokens.cpu()]
+        with open(out / f"rank{self.ctx.rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "samples": hashes}) + "\n")
+
     def train_step(self, batches: Iterator[torch.Tensor]) -> dict[str, float]:
         """One optimizer step over ``grad_accum_steps`` micro batches; returns its metrics."""
         step = self.state.step
         self.faults.maybe_hang(step, self.ctx.rank)
         lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.cfg.train.max_steps)
         set_lr(self.optimizer, lr)
+        if hasattr(self.optimizer, "last_step_skipped"):
+            self.optimizer.last_step_skipped = False
         start = time.perf_counter()
         data_wait = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -300,6 +310,8 @@ class Trainer:
             t0 = time.perf_counter()
             tokens = next(batches)
             data_wait += time.perf_counter() - t0
+            if self.faults.record_samples:
+                self._record_samples(step, tokens)
             loss = self._loss(tokens)
             if self.faults.nan_now(step, self.ctx.rank):
                 loss = loss * float("nan")
@@ -315,7 +327,9 @@ class Trainer:
         dist.all_reduce(stats)
         step_time = time.perf_counter() - start
         mean_loss = stats[0].item() / stats[1].item()
-        skipped = bool(getattr(self.optimizer, "last_step_skipped", False))
+        # ZeRO 1/2 detect the overflow themselves and never call our optimizer; otherwise
+        # SkippingAdamW skipped it (same decision on every rank either way)
+        skipped = bool(getattr(self.optimizer, "last_step_skipped", False)) or not self.engine.was_step_applied()
         if not skipped and not (math.isfinite(mean_loss) and math.isfinite(grad_norm)) \
                 and self.cfg.optim.implementation == "deepspeed":
             log.error("step %d: non-finite loss/gradient norm with DeepSpeed's own optimizer, which "
@@ -379,7 +393,7 @@ class Trainer:
                                     **scalars}) + "\n")
         if step % self.cfg.log.every == 0 or step == 1 or "val/loss" in scalars:
             self.metrics.scalars(step, scalars)
-            shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items())
+            shown = " ".join(f"{k.removeprefix('train/').replace('/', '_')}={v:.4g}" for k, v in scalars.items())
             log.info("step %d %s", step, shown)
 
     def run(self) -> int:
