@@ -8,10 +8,13 @@ ever attends to padding, so a prompt's continuation does not depend on what it w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Literal
 
 import torch
 
+from crucible.errors import DataError
 from model.transformer import KVCache, Transformer
 
 
@@ -118,3 +121,74 @@ def generate(model: Transformer, prompts: list[list[int]], sampling: SamplingCon
         logits = model(chosen[:, None], positions=next_pos[:, None], cache=cache, mask=mask)
         next_pos = next_pos + 1
     return out
+
+
+class TextTokenizer:
+    """The tokenizer of a model directory: sentencepiece ``tokenizer.model`` when present (fast,
+    exact), else the Hugging Face tokenizer files (``AutoTokenizer``)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        if (model_dir / "tokenizer.model").is_file():
+            import sentencepiece as spm
+
+            sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+            self._encode, self._decode = sp.encode, sp.decode
+            ids = (sp.bos_id(), sp.eos_id(), sp.pad_id())
+        elif (model_dir / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+            self._encode = lambda text: tok(text, add_special_tokens=False).input_ids
+            self._decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+            ids = tuple(-1 if i is None else i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+        else:
+            raise DataError(
+                f"{model_dir} has no tokenizer (tokenizer.model or tokenizer.json); save the model "
+                "directory with its tokenizer (save_model_dir(..., tokenizer_dir=...))"
+            )
+        self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in ids)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(ids)
+
+
+def generate_text(model_dir: str | Path, prompts: list[str], sampling: SamplingConfig,
+                  start: Literal["eos", "bos", "none"] = "eos", device: str = "cpu",
+                  dtype: str | None = None, batch_size: int = 16) -> Iterator[dict[str, Any]]:
+    """Continue each text prompt with the model (and tokenizer) of ``model_dir``; yields one
+    row per prompt (prompt, completion, token ids), ``batch_size`` prompts per batch.
+
+    ``start``: the token put before each prompt. The token shards join documents with EOS and
+    use no BOS, so a document start follows EOS: ``eos`` (default) matches pretraining.
+    """
+    from model.io import find_model_dir, load_model_dir
+    from model.transformer import DTYPES
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    model_dir = find_model_dir(model_dir)
+    model, cfg = load_model_dir(model_dir, device=device)
+    if dtype is not None:
+        model = model.to(DTYPES[dtype])
+    model.eval()
+    tokenizer = TextTokenizer(model_dir)
+    prefix_id = {"eos": tokenizer.eos_id, "bos": tokenizer.bos_id, "none": None}[start]
+    encoded = [([prefix_id] if prefix_id is not None else []) + tokenizer.encode(p) for p in prompts]
+    for text, ids in zip(prompts, encoded):
+        if not ids:
+            raise DataError(f"prompt {text!r} encodes to no tokens; use --start eos or bos")
+        if max(ids) >= cfg.vocab_size:
+            raise DataError(f"the tokenizer in {model_dir} yields id {max(ids)} but the model's "
+                            f"vocabulary has {cfg.vocab_size}: tokenizer and weights do not match")
+    if sampling.eos_id is not None and tokenizer.eos_id is not None:
+        sampling = replace(sampling, eos_id=tokenizer.eos_id)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    for first in range(0, len(prompts), batch_size):
+        batch = encoded[first:first + batch_size]
+        for text, ids, new in zip(prompts[first:], batch, generate(model, batch, sampling, pad_id=pad)):
+            yield {"prompt": text, "completion": tokenizer.decode(new), "prompt_token_ids": ids,
+                   "new_token_ids": new}

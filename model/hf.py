@@ -353,3 +353,21 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, max_shard_bytes: int =
     else:
         log.warning("%s has no tokenizer files; the export holds weights and config only", model_dir)
     return out
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert a Hugging Face Llama directory into a model directory (our names, exact
+    weights, its tokenizer files, provenance naming the source)."""
+    from crucible.provenance import provenance
+    from model.io import TOKENIZER_FILES, save_model_dir
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise DataError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    cfg, state = read_hf_dir(hf_dir)
+    has_tokenizer = any((hf_dir / name).is_file() for name in TOKENIZER_FILES)
+    if not has_tokenizer:
+        log.warning("%s has no tokenizer files; the model directory will have none", hf_dir)
+    prov = {**provenance(cfg), "imported_from": str(hf_dir.resolve())}
+    return save_model_dir(out_dir, state, cfg, tokenizer_dir=hf_dir if has_tokenizer else None,
+                          provenance=prov)

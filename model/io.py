@@ -143,11 +143,42 @@ def model_from_state_dict(cfg: ModelConfig, state_dict: Mapping[str, torch.Tenso
     return model
 
 
+def find_model_dir(path: str | Path) -> Path:
+    """The model directory meant by ``path``: a model directory or a Hugging Face directory
+    itself, a checkpoint directory holding ``model/``, or a run directory, whose
+    ``latest.json`` names the newest complete checkpoint's model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path} does not exist or is not a directory (pass a model directory, "
+                        "a Hugging Face Llama directory or a run directory)")
+    if is_model_dir(path) or (path / "config.json").is_file():
+        return path
+    if is_model_dir(path / "model"):
+        return path / "model"
+    latest = path / "latest.json"
+    if latest.is_file():
+        try:
+            info = json.loads(latest.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DataError(f"{latest} is not valid JSON: {exc}") from None
+        candidates = []
+        if info.get("model_dir"):
+            candidates.append(Path(info["model_dir"]))
+        if info.get("tag"):  # the run directory may have moved since latest.json was written
+            candidates.append(path / "checkpoints" / str(info["tag"]) / "model")
+        for candidate in candidates:
+            if is_model_dir(candidate):
+                return candidate
+        raise DataError(f"{latest} names no existing model directory (tried {[str(c) for c in candidates]})")
+    return path
+
+
 def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, ModelConfig]:
-    """Load a model directory (or a Hugging Face Llama directory) into a :class:`Transformer`."""
+    """Load a model directory (or a Hugging Face Llama directory, or the latest model of a run
+    directory: see :func:`find_model_dir`) into a :class:`Transformer`."""
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = find_model_dir(path) if Path(path).is_dir() else Path(path)
     if is_model_dir(path):
         cfg = read_model_config(path)
         weights = path / WEIGHTS_FILE

@@ -217,3 +217,29 @@ def test_pickled_hf_weights_are_refused(tmp_path):
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(DataError, match="pickled"):
         load_model_dir(tmp_path / "hf")
+
+
+@pytest.mark.slow
+def test_export_and_import_launchers(tmp_path, tokenizer_dir):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = tiny(tie_embeddings=True)
+    ours = build_model(cfg, seed=6)
+    save_model_dir(tmp_path / "m", ours.state_dict(), cfg, tokenizer_dir=tokenizer_dir)
+    script = str(root / "launcher/export_hf.py")
+    run = lambda *a: subprocess.run([sys.executable, script, *map(str, a)], capture_output=True,
+                                    text=True, timeout=120)
+    proc = run("--model", tmp_path / "m", "--output", tmp_path / "hf", "--max-shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    again = run("--model", tmp_path / "m", "--output", tmp_path / "hf")
+    assert again.returncode == 2 and "not empty" in again.stderr
+    proc = run("--import-hf", tmp_path / "hf", "--output", tmp_path / "back")
+    assert proc.returncode == 0, proc.stderr
+    back, back_cfg = load_model_dir(tmp_path / "back")
+    assert back_cfg == cfg and (tmp_path / "back" / "tokenizer.model").is_file()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
+    bad = run("--model", tmp_path / "m", "--output", tmp_path / "x", "--max-shard-size", "lots")
+    assert bad.returncode == 2 and "--max-shard-size" in bad.stderr

@@ -195,3 +195,20 @@ def test_load_rejects_non_model_dir(tmp_path):
     (tmp_path / "model_config.json").write_text(json.dumps(tiny().model_dump()))
     with pytest.raises(DataError, match="no model.safetensors"):
         load_model_dir(tmp_path)
+
+
+def test_find_model_dir_in_run_and_checkpoint_dirs(tmp_path):
+    from model.io import find_model_dir
+
+    cfg = tiny()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    save_model_dir(ckpt / "model", build_model(cfg, seed=0).state_dict(), cfg, provenance={})
+    assert find_model_dir(ckpt) == ckpt / "model"
+    (tmp_path / "run" / "latest.json").write_text(json.dumps(
+        {"tag": "step_00000010", "step": 10, "model_dir": "/moved/away/model"}))
+    assert find_model_dir(tmp_path / "run") == ckpt / "model"  # falls back to the tag
+    model, _ = load_model_dir(tmp_path / "run")
+    assert model.cfg == cfg
+    (tmp_path / "run" / "latest.json").write_text(json.dumps({"tag": "step_00000020"}))
+    with pytest.raises(DataError, match="names no existing model directory"):
+        find_model_dir(tmp_path / "run")
