@@ -14,7 +14,10 @@ files (``tokenizer.json``, ``tokenizer_config.json``, ...), ``report.json``, ``c
 
 BOS/EOS: neither sentencepiece (``encode``) nor the Hugging Face tokenizer adds BOS or EOS by
 default (``add_special_tokens`` has no effect); the token shards append EOS after every document
-and use no BOS.
+and use no BOS. Special-token strings inside text (``"</s>"``) are encoded as text by both
+(``split_special_tokens=True``); put special ids in by id (``tokenizer.eos_token_id``).
+Exception, unigram models only: text that literally contains a control or byte piece
+(``"</s>"``, ``"<0x41>"``) is encoded differently by the Hugging Face Viterbi.
 """
 
 from __future__ import annotations
@@ -169,6 +172,9 @@ def build_hf_tokenizer(model_path: Path):
     if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
         vocab: dict | list = {p.piece: i for i, p in enumerate(proto.pieces)}
     else:
+        # unigram: the Hugging Face Viterbi can match control/byte pieces ("</s>", "<0x41>") that
+        # appear literally in text, sentencepiece never does (documented limitation; scores are
+        # kept, since the unknown-character penalty is derived from the lowest score).
         vocab = [(p.piece, p.score) for p in proto.pieces]
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
     if backend is None:
@@ -180,7 +186,17 @@ def build_hf_tokenizer(model_path: Path):
         unk_token=SPECIAL_PIECES["unk"], bos_token=SPECIAL_PIECES["bos"],
         eos_token=SPECIAL_PIECES["eos"], pad_token=SPECIAL_PIECES["pad"],
         model_max_length=10**9, clean_up_tokenization_spaces=False,
+        split_special_tokens=True,  # "</s>" inside text is text, as in sentencepiece
     )
+
+
+def save_hf_tokenizer(hf, out_dir: Path) -> None:
+    """``save_pretrained``, naming the class both transformers 4 and 5 resolve."""
+    hf.save_pretrained(str(out_dir))
+    path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def tokenizer_report(sp: spm.SentencePieceProcessor, heldout: list[str], hf=None) -> dict:
@@ -225,7 +241,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
     line_stats = train_sentencepiece(train, cfg, out)
     sp = spm.SentencePieceProcessor(model_file=str(out / MODEL_FILE))
     hf = build_hf_tokenizer(out / MODEL_FILE)
-    hf.save_pretrained(str(out))
+    save_hf_tokenizer(hf, out)
     report = {
         "tokenizer_config": config_to_dict(cfg),
         "model_type": cfg.model_type,
