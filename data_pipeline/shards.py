@@ -265,6 +265,7 @@ def run_shard(cfg) -> dict[str, Any]:
     """Stage entry: encode the clean shards in ``cfg.input`` with ``cfg.tokenizer_dir``."""
     if not cfg.input or not cfg.output or not cfg.tokenizer_dir:
         raise DataError("shard needs input=<clean shard folder> tokenizer_dir=<folder> output=<folder>")
+    clean_shard_paths(cfg.input)  # fail early, before any output is touched
     texts = (doc["text"] for doc in iter_clean_documents(cfg.input))
     return write_token_shards(texts, cfg.tokenizer_dir, cfg.output, cfg.shard, root_cfg=cfg)
 
@@ -284,11 +285,11 @@ def run_prepare_data(cfg) -> dict[str, Any]:
     tok_dir = Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else root / "tokenizer"
     steps: dict[str, str] = {}
 
-    from data_pipeline import clean  # imported lazily: the cleaning stack is heavy
-
-    if clean.is_complete(clean_dir):
+    if (clean_dir / CLEAN_SUCCESS).is_file():  # clean.is_complete, without importing the stack
         steps["clean"] = "skipped (complete)"
     else:
+        from data_pipeline import clean
+
         clean.run_clean(cfg.model_copy(update={"output": str(clean_dir)}))
         steps["clean"] = "done"
     stage_cfg = cfg.model_copy(update={"input": str(clean_dir), "tokenizer_dir": str(tok_dir)})

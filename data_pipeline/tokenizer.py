@@ -287,9 +287,10 @@ def load_sentencepiece(tokenizer_dir: str | Path) -> spm.SentencePieceProcessor:
 
 def run_build_tokenizer(cfg) -> dict:
     """Stage entry: train on the clean shards in ``cfg.input``, write ``cfg.output``."""
-    from data_pipeline.shards import iter_clean_documents
+    from data_pipeline.shards import clean_shard_paths, iter_clean_documents
 
     if not cfg.input or not cfg.output:
         raise DataError("build_tokenizer needs input=<clean shard folder> and output=<folder>")
+    clean_shard_paths(cfg.input)  # fail early, before any output is touched
     texts = (doc["text"] for doc in iter_clean_documents(cfg.input))
     return train_tokenizer(texts, cfg.tokenizer, cfg.output, root_cfg=cfg)
