@@ -9,7 +9,7 @@ import torch
 
 from crucible.errors import DataError
 from model.config import ModelConfig, resolve_model_config
-from model.hf import export_hf, from_hf_config, read_hf_dir, to_hf_key
+from model.hf import export_hf, from_hf_config, from_hf_state_dict, read_hf_dir, to_hf_state_dict
 from model.io import load_model_dir, save_model_dir
 from model.transformer import build_model
 
@@ -139,7 +139,7 @@ def test_sharded_export_loads(tmp_path, tokenizer_dir):
     shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and not (tmp_path / "hf" / "model.safetensors").exists()
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == {to_hf_key(k) for k in ours.state_dict()}
+    assert set(index["weight_map"]) == set(to_hf_state_dict(ours.state_dict(), cfg))
     tokens = _tokens(2)
     with torch.no_grad():
         assert (hf_model(tmp_path / "hf")(tokens).logits - ours(tokens)).abs().max() <= 1e-5
@@ -217,6 +217,23 @@ def test_pickled_hf_weights_are_refused(tmp_path):
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(DataError, match="pickled"):
         load_model_dir(tmp_path / "hf")
+
+
+def test_fused_matrices_split_into_hf_projections():
+    cfg = tiny()
+    sd = build_model(cfg, seed=0).state_dict()
+    hf = to_hf_state_dict(sd, cfg)
+    q, k, v = (hf[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
+    assert q.shape == (cfg.n_heads * cfg.head_dim, cfg.dim) and k.shape == v.shape == (cfg.kv_heads * cfg.head_dim, cfg.dim)
+    assert torch.equal(torch.cat([q, k, v]), sd["layers.1.attn.wqkv.weight"])
+    assert torch.equal(hf["model.layers.0.mlp.up_proj.weight"], sd["layers.0.mlp.w_gate_up.weight"][cfg.hidden_dim:])
+    back = from_hf_state_dict(hf, cfg)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    del hf["model.layers.0.self_attn.k_proj.weight"]
+    with pytest.raises(DataError, match="not all of"):
+        from_hf_state_dict(hf, cfg)
+    with pytest.raises(DataError, match="unknown tensor"):
+        from_hf_state_dict({"model.layers.0.self_attn.q_proj.bias": q}, cfg)
 
 
 @pytest.mark.slow
