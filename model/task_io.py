@@ -1,0 +1,135 @@
+"""Task model directories and their Hugging Face export.
+
+A task model directory is a model directory (the fine-tuned backbone: ``model.safetensors``,
+``model_config.json``, tokenizer files, provenance) plus::
+
+    head.safetensors   the head's own parameters (``score.*`` or ``qa_outputs.*``)
+    task.json          kind, labels, problem type, pad/eos ids and input limits
+
+Export writes the matching Hugging Face class (``LlamaForSequenceClassification``,
+``LlamaForTokenClassification``, ``LlamaForQuestionAnswering``) with equal logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from crucible.errors import DataError
+from model.config import ModelConfig
+from model.heads import build_head, _Head
+from model.io import model_from_state_dict, read_model_config, save_model_dir
+
+TASK_FILE = "task.json"
+HEAD_FILE = "head.safetensors"
+HF_CLASSES = {
+    "classification": "LlamaForSequenceClassification",
+    "token_classification": "LlamaForTokenClassification",
+    "qa": "LlamaForQuestionAnswering",
+}
+
+
+def is_task_dir(path: str | Path) -> bool:
+    return (Path(path) / TASK_FILE).is_file()
+
+
+def split_head_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(backbone state with our names, head state) from a head module's state dict."""
+    backbone = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+    head = {k: v for k, v in state_dict.items() if not k.startswith("model.")}
+    return backbone, head
+
+
+def save_task_dir(path: str | Path, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                  task: dict[str, Any], tokenizer_dir: str | Path | None = None,
+                  provenance: dict[str, Any] | None = None) -> Path:
+    """Write a task model directory from a head module's (full, fp32) state dict."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    backbone, head = split_head_state(state_dict)
+    save_model_dir(out, backbone, cfg, tokenizer_dir=tokenizer_dir, provenance=provenance)
+    tmp = out / (HEAD_FILE + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, str(tmp))
+    os.replace(tmp, out / HEAD_FILE)
+    tmp = out / (TASK_FILE + ".tmp")
+    tmp.write_text(json.dumps(task, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out / TASK_FILE)
+    return out
+
+
+def read_task(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / TASK_FILE
+    if not file.is_file():
+        raise DataError(f"{path} is not a task model directory (no {TASK_FILE}); pass the model "
+                        "directory written by launcher/finetune.py")
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def load_task_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[_Head, dict[str, Any]]:
+    """The head module with its fine-tuned weights, and the task description."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    task = read_task(path)
+    cfg = read_model_config(path)
+    backbone = model_from_state_dict(cfg, load_file(str(path / "model.safetensors"), device=str(device)), device)
+    head = build_head(task["kind"], backbone, len(task.get("labels") or []) or 1, task["pad_id"],
+                      task.get("problem_type", "single_label"))
+    head_state = load_file(str(path / HEAD_FILE), device=str(device))
+    missing = head.load_state_dict(head_state, strict=False)
+    bad = [k for k in missing.missing_keys if not k.startswith("model.")] + list(missing.unexpected_keys)
+    if bad:
+        raise DataError(f"{path / HEAD_FILE} does not match a {task['kind']} head: {bad[:5]}")
+    head.to(device)
+    return head, task
+
+
+def to_hf_task_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, kind: str
+                          ) -> dict[str, torch.Tensor]:
+    """Hugging Face tensor names of a head module's state dict (the causal-LM head is dropped)."""
+    from model.hf import to_hf_state_dict
+
+    backbone, head = split_head_state(state_dict)
+    hf = to_hf_state_dict(backbone, cfg)
+    hf.pop("lm_head.weight", None)
+    prefix = "transformer." if kind == "qa" else "model."
+    out = {prefix + k.removeprefix("model."): v for k, v in hf.items()}
+    out.update(head)
+    return out
+
+
+def export_task_hf(task_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a Hugging Face directory of the matching ``LlamaFor...`` class with tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    from model.hf import to_hf_config, write_hf_tokenizer
+
+    task_dir, out = Path(task_dir), Path(out_dir)
+    task = read_task(task_dir)
+    cfg = read_model_config(task_dir)
+    state = {f"model.{k}": v for k, v in load_file(str(task_dir / "model.safetensors")).items()}
+    state.update(load_file(str(task_dir / HEAD_FILE)))
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in to_hf_task_state_dict(state, cfg, task["kind"]).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = to_hf_config(cfg, task.get("bos_id"), task.get("eos_id"), task["pad_id"])
+    config["architectures"] = [HF_CLASSES[task["kind"]]]
+    config["tie_word_embeddings"] = False  # the task classes have no output embedding to tie
+    labels = task.get("labels") or []
+    if task["kind"] != "qa":
+        config["num_labels"] = len(labels) or 1
+        if labels:
+            config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+            config["label2id"] = {name: i for i, name in enumerate(labels)}
+    if task["kind"] == "classification":
+        config["problem_type"] = {"single_label": "single_label_classification",
+                                  "multi_label": "multi_label_classification",
+                                  "regression": "regression"}[task.get("problem_type", "single_label")]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_hf_tokenizer(task_dir, out)
+    return out
