@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +47,29 @@ def is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
+class ShardUrls:
+    """Shard locations resolved on access (joining 100,000 paths up front costs seconds)."""
+
+    def __init__(self, base: str, paths: list[str]) -> None:
+        self.base = base
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str:
+        return _join(self.base, self.paths[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self.paths)))
+
+
 @dataclass
 class SplitIndex:
     """The shards of one split as arrays (cheap to build for 10,000+ entries)."""
 
     paths: list[str]
-    urls: list[str]
+    urls: ShardUrls
     samples: np.ndarray
     tokens: np.ndarray
     nbytes: np.ndarray
@@ -129,7 +147,7 @@ def _base_of(location: str) -> str:
 def _join(base: str, rel: str) -> str:
     if is_url(rel) or rel.startswith("/"):
         return rel
-    return posixpath.join(base, rel) if is_url(base) else str(Path(base) / rel)
+    return posixpath.join(base, rel) if is_url(base) else os.path.join(base, rel)
 
 
 def parse_manifest(location: str, raw: bytes) -> Manifest:
@@ -150,7 +168,7 @@ def parse_manifest(location: str, raw: bytes) -> Manifest:
             paths = [e["path"] for e in entries]
             splits[name] = SplitIndex(
                 paths=paths,
-                urls=[_join(base, p) for p in paths],
+                urls=ShardUrls(base, paths),
                 samples=np.array([e["samples"] for e in entries], dtype=np.int64),
                 tokens=np.array([e["tokens"] for e in entries], dtype=np.int64),
                 nbytes=np.array([e["bytes"] for e in entries], dtype=np.int64),

@@ -1,0 +1,126 @@
+"""Loader throughput beside a plain webdataset pipeline, and startup time vs. manifest size.
+
+    python bench/loader.py --text /work/shared/data/news/bbc --mb 10
+    python bench/loader.py --manifest runs/sample/shards/manifest.json
+
+Throughput: samples per second of ``build_train_loader`` (shuffled, resumable, reading only this
+rank's samples) beside ``wds.WebDataset(shards).shuffle(1000)`` decoding the same ``.tokens``
+members into the same LongTensor batches, in the same process, alternating, best of
+``--repeats``. Startup: ``build_train_loader`` plus locating the first sample, on manifests
+with 100, 10,000 and 100,000 shard entries (target: under 1 s for 10,000, flat in shard count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def build_manifest(text: Path, mb: float, work: Path, seq_len: int) -> Path:
+    import shard as shard_bench  # bench/shard.py
+
+    from data_pipeline.shards import write_token_shards
+    from data_pipeline.tokenizer_config import ShardConfig
+
+    texts = shard_bench.corpus(text, mb)
+    tok = shard_bench.ensure_tokenizer(texts, None, work, 8000)
+    write_token_shards(texts, tok, work / "shards",
+                       ShardConfig(seq_len=seq_len, samples_per_shard=256, validation_fraction=0.0))
+    return work / "shards" / "manifest.json"
+
+
+def time_ours(manifest: Path, batch: int, n_batches: int, workers: int) -> float:
+    from data_pipeline.loader import build_train_loader
+    from data_pipeline.loader_config import LoaderConfig
+
+    loader = build_train_loader(LoaderConfig(manifests=[str(manifest)], num_workers=workers), batch, 0, 1)
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    return n_batches * batch / (time.perf_counter() - start)
+
+
+def time_webdataset(manifest: Path, batch: int, n_batches: int) -> float:
+    import webdataset as wds
+
+    data = json.loads(manifest.read_text())
+    urls = [str(manifest.parent / e["path"]) for e in data["splits"]["train"]]
+    dtype = np.dtype(data["dtype"]).newbyteorder("<")
+
+    def to_batch(rows):
+        return torch.from_numpy(np.stack([np.frombuffer(r, dtype=dtype) for r in rows]).astype(np.int64))
+
+    pipeline = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).repeat()
+                .shuffle(1000, rng=__import__("random").Random(0))
+                .to_tuple("tokens").map(lambda t: t[0]).batched(batch, collation_fn=to_batch))
+    it = iter(pipeline)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    return n_batches * batch / (time.perf_counter() - start)
+
+
+def time_startup(manifest: Path, entries: int, work: Path) -> float:
+    from data_pipeline.loader import EpochOrder, build_train_loader
+    from data_pipeline.loader_config import LoaderConfig
+
+    data = json.loads(manifest.read_text())
+    real = data["splits"]["train"]
+    big = copy.deepcopy(data)
+    big["splits"]["train"] = [dict(real[i % len(real)], path=f"train/tokens-{i:06d}.tar")
+                              for i in range(entries)]
+    path = work / f"manifest-{entries}.json"
+    path.write_text(json.dumps(big))
+    start = time.perf_counter()
+    loader = build_train_loader(LoaderConfig(manifests=[str(path)]), 8, 0, 1)
+    EpochOrder(loader.sources[0].index, 1234, 0, 0, 4).locate(0)  # first sample's location
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", type=Path, default=None)
+    ap.add_argument("--text", type=Path, default=Path("/work/shared/data/news/bbc"))
+    ap.add_argument("--mb", type=float, default=10.0)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batches", type=int, default=500)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        manifest = args.manifest or build_manifest(args.text, args.mb, work, args.seq_len)
+        data = json.loads(manifest.read_text())
+        ours, plain = [], []
+        for _ in range(args.repeats):
+            ours.append(time_ours(manifest, args.batch, args.batches, args.workers))
+            plain.append(time_webdataset(manifest, args.batch, args.batches))
+        startup = {n: time_startup(manifest, n, work) for n in (100, 10_000, 100_000)}
+    print(f"shards: {len(data['splits']['train'])}, samples of {data['seq_len'] + 1} {data['dtype']}, "
+          f"batch {args.batch}, {args.batches} batches, loader workers {args.workers}")
+    print(f"loader (ours):           {max(ours):10.0f} samples/s")
+    print(f"plain webdataset:        {max(plain):10.0f} samples/s")
+    print(f"ratio ours / webdataset: {max(ours) / max(plain):10.2f}x")
+    for n, t in startup.items():
+        print(f"startup, {n:>7,} shard entries: {t * 1000:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
