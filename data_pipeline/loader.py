@@ -151,8 +151,10 @@ class Schedule:
 class ShardReader:
     """Reads single samples of one split's shards by offset; counts bytes; checks headers."""
 
-    def __init__(self, manifest: Manifest, split: str, on_corrupt: str, stats: dict) -> None:
+    def __init__(self, manifest: Manifest, split: str, on_corrupt: str, stats: dict,
+                 memory_shards: int = 4) -> None:
         self.m = manifest
+        self.memory_shards = memory_shards  # pipe: shards held whole in memory
         self.index = manifest.splits[split]
         self.on_corrupt = on_corrupt
         self.stats = stats
@@ -210,8 +212,10 @@ class ShardReader:
         if size != expected:
             self._fail(shard, f"it has {size} bytes, the manifest says {expected} (truncated?)")
         self._files[shard] = handle
-        if len(self._files) > OPEN_FILES:
-            _, old = self._files.popitem(last=False)
+        in_memory = [k for k, h in self._files.items() if isinstance(h, bytes)]
+        if len(self._files) > OPEN_FILES or len(in_memory) > self.memory_shards:
+            victim = in_memory[0] if len(in_memory) > self.memory_shards else next(iter(self._files))
+            old = self._files.pop(victim)
             if isinstance(old, int):
                 os.close(old)
             elif hasattr(old, "close"):
@@ -367,7 +371,8 @@ class _BatchMaker:
         self.cfg = plan.cfg
         self.rows = slice(plan.rank * plan.micro_batch_size, (plan.rank + 1) * plan.micro_batch_size)
         self.global_batch = plan.global_batch
-        self.readers = [ShardReader(s.manifest, "train", plan.cfg.on_corrupt_shard, stats)
+        self.readers = [ShardReader(s.manifest, "train", plan.cfg.on_corrupt_shard, stats,
+                                    memory_shards=plan.cfg.shuffle_buffer_shards)
                         for s in self.sources]
         self._orders: dict[tuple[int, int], EpochOrder] = {}
 
