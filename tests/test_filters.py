@@ -207,3 +207,42 @@ def test_normalisation():
     assert normalize_text("a\x07b\u200b  c \r\nline\n\n\n\nnext", cfg) == "ab c\nline\n\nnext"
     assert normalize_text("\ufb01", NormalizeConfig(unicode_form="NFKC")) == "fi"
     assert normalize_text("\ufb01", cfg) == "\ufb01"
+
+
+def _reference_duplicated(words: list[str], n: int) -> int:
+    """The plain walk of Gopher's duplicated n-gram rule (as in datatrove)."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    seen, repeated, idx = set(), 0, 0
+    while idx < len(grams):
+        if grams[idx] in seen:
+            repeated += sum(map(len, grams[idx]))
+            idx += n
+        else:
+            seen.add(grams[idx])
+            idx += 1
+    return repeated
+
+
+def _reference_top(words: list[str], n: int) -> int:
+    from collections import Counter
+
+    grams = [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0
+    gram, count = Counter(grams).most_common(1)[0]
+    return len(gram) * count
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_ngram_counts_equal_the_plain_walk(seed):
+    import random
+
+    from data_pipeline.filters.gopher import _duplicated_ngram_chars, _NgramIndex, _top_ngram_chars
+
+    rng = random.Random(seed)
+    vocab = ["a", "bb", "ccc", "dd", "e", "fff"][: rng.randint(1, 6)]
+    words = [rng.choice(vocab) for _ in range(rng.randint(0, 60))]
+    index = _NgramIndex(words)
+    for n in range(2, 11):
+        assert _duplicated_ngram_chars(index, n) == _reference_duplicated(words, n)
+        assert _top_ngram_chars(index, n) == _reference_top(words, n)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from data_pipeline.config import FineWebConfig
 from data_pipeline.filters.gopher import _duplicates
-from data_pipeline.filters.text import SENTENCE_END
+from data_pipeline.filters.text import TERMINAL_PUNCTUATION
 
-_STOP_CHARS = tuple(SENTENCE_END)
+_STOP_CHARS = tuple(TERMINAL_PUNCTUATION)
 
 
 def fineweb_filter(text: str, words: list[str], cfg: FineWebConfig) -> str | None:

@@ -7,7 +7,8 @@ decisions are comparable (``bench/clean.py``). Each function returns the drop re
 from __future__ import annotations
 
 import re
-from collections import Counter
+
+import numpy as np
 
 from data_pipeline.config import GopherQualityConfig, GopherRepetitionConfig
 from data_pipeline.filters.text import is_punct_token
@@ -18,7 +19,7 @@ _LINE_SPLIT = re.compile(r"\n+")
 
 def gopher_quality(text: str, words: list[str], cfg: GopherQualityConfig) -> str | None:
     n_words = len(words)
-    content = [w for w in words if not is_punct_token(w)]
+    content = [w for w in words if w.isalnum() or not is_punct_token(w)]
     n_content = len(content)
     if n_words == 0 or (cfg.min_doc_words and n_content < cfg.min_doc_words):
         return "gopher_quality.short_doc"
@@ -45,7 +46,7 @@ def gopher_quality(text: str, words: list[str], cfg: GopherQualityConfig) -> str
         if ellipsis / len(lines) > cfg.max_ellipsis_lines_ratio:
             return "gopher_quality.too_many_ellipsis_lines"
     if cfg.min_alpha_words_ratio:
-        alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+        alpha = sum(1 for w in words if w.isalpha() or any(map(str.isalpha, w)))
         if alpha / n_words < cfg.min_alpha_words_ratio:
             return "gopher_quality.few_alpha_words"
     if cfg.min_stop_words and len(set(cfg.stop_words).intersection(words)) < cfg.min_stop_words:
@@ -66,34 +67,83 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return dup_items, dup_chars
 
 
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(words[i:] for i in range(n))))
+class _NgramIndex:
+    """Integer n-gram hashes of a word list, for exact counting without building n-gram strings.
+
+    Words are numbered by first appearance; an n-gram's key is a polynomial hash of its word
+    numbers (uint64, wrapping), computed for all positions at once with numpy.
+    """
+
+    def __init__(self, words: list[str]) -> None:
+        ids: dict[str, int] = {}
+        self.ids = np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.uint64, count=len(words))
+        self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        self.cum = np.concatenate(([0], np.cumsum(self.lengths)))
+        self._hashes: dict[int, np.ndarray] = {}
+
+    def hashes(self, n: int) -> np.ndarray:
+        if n not in self._hashes:
+            count = max(len(self.ids) - n + 1, 0)
+            h = np.zeros(count, dtype=np.uint64)
+            for k in range(n if count else 0):
+                h = h * _PRIME + self.ids[k:k + count]
+            self._hashes[n] = h
+        return self._hashes[n]
+
+    def chars(self, n: int) -> np.ndarray:
+        """Characters of the words of each n-gram (separators not counted)."""
+        count = len(self.ids) - n + 1
+        return self.cum[n:n + count] - self.cum[:count]
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by the most frequent n-gram (joined with spaces) times its count."""
-    grams = _ngrams(words, n)
-    if not grams:
+_PRIME = np.uint64(1_000_003)
+
+
+def _top_ngram_chars(index: _NgramIndex, n: int) -> int:
+    """Characters of the most frequent n-gram (joined with spaces) times its count.
+
+    Ties go to the n-gram that appears first, as ``Counter.most_common`` does.
+    """
+    h = index.hashes(n)
+    if len(h) == 0:
         return 0
-    gram, count = Counter(grams).most_common(1)[0]
-    return (sum(map(len, gram)) + n - 1) * count
+    _, first, counts = np.unique(h, return_index=True, return_counts=True)
+    top = counts.max()
+    pos = int(first[counts == top].min())
+    return int(index.chars(n)[pos] + n - 1) * int(top)
 
 
-def _duplicated_ngram_chars(words: list[str], n: int) -> int:
-    """Characters in n-grams that repeat an earlier one; a repeat skips its n words."""
-    grams = _ngrams(words, n)
-    if len(set(grams)) == len(grams):
-        return 0  # fast path: nothing repeats
-    seen: set[tuple[str, ...]] = set()
-    repeated = idx = 0
-    while idx < len(grams):
-        gram = grams[idx]
-        if gram in seen:
-            repeated += sum(map(len, gram))
-            idx += n
+def _duplicated_ngram_chars(index: _NgramIndex, n: int) -> int:
+    """Characters in n-grams that repeat an earlier one; after a repeat the next n-1 positions are skipped.
+
+    Equivalent to walking every position with a set of seen n-grams, but the walk only visits
+    positions whose n-gram occurred before (usually few): every other position is a first
+    occurrence and would simply be added to the set.
+    """
+    h = index.hashes(n)
+    if len(h) == 0:
+        return 0
+    _, first_at, inverse = np.unique(h, return_index=True, return_inverse=True)
+    first = first_at[inverse]
+    repeats = np.flatnonzero(first < np.arange(len(h)))
+    if len(repeats) == 0:
+        return 0
+    chars = index.chars(n)
+    skipped = np.zeros(len(h), dtype=bool)
+    seen_late: set[int] = set()  # n-grams first added at a repeat whose first occurrence was skipped
+    repeated = 0
+    next_pos = 0
+    for pos in repeats.tolist():
+        if pos < next_pos:
+            continue  # skipped over by an earlier repeat
+        key = int(inverse[pos])
+        if not skipped[first[pos]] or key in seen_late:
+            repeated += int(chars[pos])
+            skipped[pos + 1:pos + n] = True
+            next_pos = pos + n
         else:
-            seen.add(gram)
-            idx += 1
+            seen_late.add(key)
+            next_pos = pos + 1
     return repeated
 
 
@@ -112,10 +162,11 @@ def gopher_repetition(text: str, words: list[str], cfg: GopherRepetitionConfig) 
         return "gopher_repetition.dup_line_frac"
     if cfg.dup_line_char_frac and chars / len(text) > cfg.dup_line_char_frac:
         return "gopher_repetition.dup_line_char_frac"
+    index = _NgramIndex(words)
     for n, frac in sorted(cfg.top_n_grams.items()):
-        if frac and _top_ngram_chars(words, n) / len(text) > frac:
+        if frac and _top_ngram_chars(index, n) / len(text) > frac:
             return f"gopher_repetition.top_{n}_gram"
     for n, frac in sorted(cfg.dup_n_grams.items()):
-        if frac and _duplicated_ngram_chars(words, n) / len(text) > frac:
+        if frac and _duplicated_ngram_chars(index, n) / len(text) > frac:
             return f"gopher_repetition.dup_{n}_gram"
     return None

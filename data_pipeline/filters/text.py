@@ -1,52 +1,143 @@
 """Word and sentence splitting shared by the quality filters.
 
 The published filter implementations (datatrove's Gopher, C4 and FineWeb filters) count words
-and sentences with spaCy's English tokenizer and sentencizer. Running spaCy is most of their
-cost, so this module reproduces the tokenizer's decisions that the rules are sensitive to
-(punctuation split off words, clitics such as ``n't``/``'s``, hyphens between letters, URLs,
-e-mails, numbers, dotted abbreviations, ellipses) with one compiled regular expression.
-``bench/clean.py`` measures how often each rule's decision agrees with datatrove's.
+and sentences with spaCy's English tokenizer and sentencizer, and running spaCy is most of
+their cost. This module applies the same tokenizer *rules* (spaCy's exported prefix, suffix,
+infix and URL patterns and its special-case table, in :mod:`spacy_en_rules`) with the same
+affix-splitting algorithm, in plain Python with a per-chunk cache: whitespace-separated chunks
+that are purely alphanumeric (most of them) need no work at all. ``bench/clean.py`` measures
+how often each rule's decision agrees with datatrove's.
 """
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
-_ABBREVIATIONS = (
-    "Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|Inc|Ltd|Co|Corp|vs|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec|"
-    "Mt|Gov|Sen|Rep|Gen|Col|Lt|Sgt|Capt|Ph\\.D|e\\.g|i\\.e|a\\.m|p\\.m|Ala|Ariz|Ark|Calif|Colo|Conn|Del|"
-    "Fla|Ga|Ill|Ind|Kan|Ky|La|Md|Mich|Minn|Miss|Mo|Mont|Neb|Nev|Okla|Ore|Pa|Tenn|Va|Wash|Wis"
-)
+from data_pipeline.filters import spacy_en_rules as _rules
 
-WORD_RE = re.compile(
-    r"""
-    (?:https?://|www\.)[^\s]+?(?=[.,;:!?)\]'"]*(?:\s|$))     # URL, trailing punctuation split off
-  | [\w.+-]+@[\w-]+(?:\.[\w-]+)+                              # e-mail
-  | \w+(?=[nN]['’][tT]\b)                                     # do|n't
-  | [nN]['’][tT]\b
-  | (?<=\w)['’](?:[sSmMdD]|ll|LL|ve|VE|re|RE)\b                # it|'s
-  | (?:""" + _ABBREVIATIONS + r""")\.(?!\w)                    # Mr. Jan. e.g.
-  | \b[A-Z]\.(?!\w)                                           # initials: C.
-  | (?:[A-Za-z]\.){2,}(?=\s|$)(?<![a-z]\.)                    # U.S.  (not a.b.c.)
-  | (?:\w\.){1,}\w+                                           # a.b.c, U.S (inside)
-  | \d+(?:[.,:/]\d+)+\w*                                       # 3.5 1,000 10:30pm
-  | \w+(?:['’](?!(?:[sSmMdD]|ll|LL|ve|VE|re|RE)\b)\w+)*        # words (clitics split off)
-  | \.{2,}|-{2,}|…                                            # ... -- runs
-  | [^\w\s]                                                   # single punctuation
-    """,
-    re.VERBOSE,
-)
+_PREFIX = re.compile(_rules.PREFIX).search
+_SUFFIX = re.compile(_rules.SUFFIX).search
+_INFIX = re.compile(_rules.INFIX).finditer
+_URL = re.compile(_rules.URL).match
+_SPECIAL = _rules.EXCEPTIONS
+# Special cases that hold punctuation can span several affix pieces (")" + ":" -> "):");
+# spaCy merges those pieces back after splitting, and so does _merge_specials.
+_SPECIAL_SPANS = {k for k in _SPECIAL if not k.isalnum() and not k.isspace()}
+_MAX_SPAN = 6
 
-SENTENCE_END = frozenset(".!?։؟۔܀܁܂߹।॥၊။።፧፨᙮᜵᜶᠃᠉᥄᥅᪨᪩᪪᪫᭚᭛᭞᭟᰻᰼᱾᱿‼‽⁇⁈⁉⸮⸼꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖﹗！．？｡")
+
+def _split_affixes(chunk: str) -> tuple[list[str], str, list[str]]:
+    """spaCy's ``Tokenizer._split_affixes``: peel prefixes and suffixes off a chunk."""
+    prefixes: list[str] = []
+    suffixes: list[str] = []
+    last = -1
+    while chunk and len(chunk) != last:
+        if chunk in _SPECIAL:
+            break
+        last = len(chunk)
+        m = _PREFIX(chunk)
+        pre = m.end() - m.start() if m else 0
+        if pre:
+            minus_pre = chunk[pre:]
+            if minus_pre and minus_pre in _SPECIAL:
+                prefixes.append(chunk[:pre])
+                chunk = minus_pre
+                break
+        m = _SUFFIX(chunk[pre:])
+        suf = m.end() - m.start() if m else 0
+        if suf:
+            minus_suf = chunk[:-suf]
+            if minus_suf and minus_suf in _SPECIAL:
+                suffixes.append(chunk[-suf:])
+                chunk = minus_suf
+                break
+        if pre and suf and pre + suf <= len(chunk):
+            prefixes.append(chunk[:pre])
+            suffixes.append(chunk[-suf:])
+            chunk = chunk[pre:-suf]
+        elif pre:
+            prefixes.append(chunk[:pre])
+            chunk = chunk[pre:]
+        elif suf:
+            suffixes.append(chunk[-suf:])
+            chunk = chunk[:-suf]
+        if chunk and chunk in _SPECIAL:
+            break
+    return prefixes, chunk, suffixes
+
+
+def _expand(piece: str, out: list[str]) -> None:
+    special = _SPECIAL.get(piece)
+    if special is None:
+        out.append(piece)
+    else:
+        out.extend(special)
+
+
+@lru_cache(maxsize=1 << 17)
+def _split_chunk(chunk: str) -> tuple[str, ...]:
+    """spaCy's tokenisation of one whitespace-free chunk (``_split_affixes`` + ``_attach_tokens``)."""
+    if chunk in _SPECIAL:
+        return _SPECIAL[chunk]
+    prefixes, core, suffixes = _split_affixes(chunk)
+    out: list[str] = []
+    for p in prefixes:
+        _expand(p, out)
+    if core:
+        if core in _SPECIAL:
+            out.extend(_SPECIAL[core])
+        elif _URL(core):
+            out.append(core)
+        else:
+            start = 0
+            for m in _INFIX(core):
+                if m.start() == 0:
+                    continue
+                if m.start() != start:
+                    out.append(core[start:m.start()])
+                if m.start() != m.end():
+                    out.append(core[m.start():m.end()])
+                start = m.end()
+            if core[start:]:
+                out.append(core[start:])
+    for s in reversed(suffixes):
+        _expand(s, out)
+    return tuple(_merge_specials(out)) if len(out) > 1 else tuple(out)
+
+
+def _merge_specials(tokens: list[str]) -> list[str]:
+    """Re-join adjacent pieces that together spell a special case (longest match, left to right)."""
+    out: list[str] = []
+    i = 0
+    n = len(tokens)
+    while i < n:
+        for j in range(min(n, i + _MAX_SPAN), i + 1, -1):
+            joined = "".join(tokens[i:j])
+            if joined in _SPECIAL_SPANS:
+                out.extend(_SPECIAL[joined])
+                i = j
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
 
 
 def split_words(text: str) -> list[str]:
-    """Words and punctuation tokens of ``text``, as spaCy's English tokenizer would give them."""
-    return WORD_RE.findall(text)
+    """Words and punctuation tokens of ``text``, as spaCy's English tokenizer gives them."""
+    out: list[str] = []
+    append, extend = out.append, out.extend
+    for chunk in text.split():
+        if chunk.isalpha() and chunk not in _SPECIAL:
+            append(chunk)
+        else:
+            extend(_split_chunk(chunk))
+    return out
 
 
 def is_punct_token(token: str) -> bool:
-    return not any(ch.isalnum() for ch in token)
+    return not (token.isalnum() or any(ch.isalnum() for ch in token))
 
 
 def count_sentences(tokens: list[str]) -> int:
@@ -66,3 +157,10 @@ def count_sentences(tokens: list[str]) -> int:
             sentences += 1
             seen_end = False
     return sentences
+
+
+# Characters that end a sentence for spaCy's sentencizer (its default punct_chars).
+SENTENCE_END = frozenset("!.?\u0589\u061f\u06d4\u0700\u0701\u0702\u07f9\u0964\u0965\u104a\u104b\u1362\u1367\u1368\u166e\u1735\u1736\u1803\u1809\u1944\u1945\u1aa8\u1aa9\u1aaa\u1aab\u1b5a\u1b5b\u1b5e\u1b5f\u1c3b\u1c3c\u1c7e\u1c7f\u203c\u203d\u2047\u2048\u2049\u2e2e\u2e3c\u3002\ua4ff\ua60e\ua60f\ua6f3\ua6f7\ua876\ua877\ua8ce\ua8cf\ua92f\ua9c8\ua9c9\uaa5d\uaa5e\uaa5f\uaaf0\uaaf1\uabeb\ufe52\ufe56\ufe57\uff01\uff0e\uff1f\uff61\U00010a56\U00010a57\U00011047\U00011048\U000110be\U000110bf\U000110c0\U000110c1\U00011141\U00011142\U00011143\U000111c5\U000111c6\U000111cd\U000111de\U000111df\U00011238\U00011239\U0001123b\U0001123c\U000112a9\U0001144b\U0001144c\U000115c2\U000115c3\U000115c9\U000115ca\U000115cb\U000115cc\U000115cd\U000115ce\U000115cf\U000115d0\U000115d1\U000115d2\U000115d3\U000115d4\U000115d5\U000115d6\U000115d7\U00011641\U00011642\U0001173c\U0001173d\U0001173e\U00011a42\U00011a43\U00011a9b\U00011a9c\U00011c41\U00011c42\U00016a6e\U00016a6f\U00016af5\U00016b37\U00016b38\U00016b44\U0001bc9f\U0001da88")
+# Unicode Sentence_Terminal characters (what "ends in terminal punctuation" means for FineWeb).
+TERMINAL_PUNCTUATION = frozenset("!.?\u0589\u061d\u061e\u061f\u06d4\u0700\u0701\u0702\u07f9\u0837\u0839\u083d\u083e\u0964\u0965\u104a\u104b\u1362\u1367\u1368\u166e\u1735\u1736\u17d4\u17d5\u17d6\u17d9\u17da\u1803\u1809\u1944\u1945\u1aa8\u1aa9\u1aaa\u1aab\u1b4e\u1b4f\u1b5a\u1b5b\u1b5e\u1b5f\u1b7d\u1b7e\u1b7f\u1c3b\u1c3c\u1c7e\u1c7f\u2024\u203c\u203d\u2047\u2048\u2049\u2cf9\u2cfa\u2cfb\u2e2e\u2e3c\u2e53\u2e54\u2e60\u2e61\u3002\ua4ff\ua60e\ua60f\ua6f3\ua6f7\ua876\ua877\ua8ce\ua8cf\ua92f\ua9c8\ua9c9\uaa5d\uaa5e\uaa5f\uaaf0\uaaf1\uabeb\ufe12\ufe15\ufe16\ufe52\ufe56\ufe57\uff01\uff0e\uff1f\uff61\U00010a56\U00010a57\U00010f55\U00010f56\U00010f57\U00010f58\U00010f59\U00010f86\U00010f87\U00010f88\U00010f89\U00011047\U00011048\U000110be\U000110bf\U000110c0\U000110c1\U00011141\U00011142\U00011143\U000111c5\U000111c6\U000111cd\U000111de\U000111df\U00011238\U00011239\U0001123b\U0001123c\U000112a9\U000113d4\U000113d5\U0001144b\U0001144c\U000115c2\U000115c3\U000115c9\U000115ca\U000115cb\U000115cc\U000115cd\U000115ce\U000115cf\U000115d0\U000115d1\U000115d2\U000115d3\U000115d4\U000115d5\U000115d6\U000115d7\U00011641\U00011642\U0001173c\U0001173d\U0001173e\U00011944\U00011946\U00011a42\U00011a43\U00011a9b\U00011a9c\U00011c41\U00011c42\U00011ef7\U00011ef8\U00011f43\U00011f44\U00016a6e\U00016a6f\U00016af5\U00016b37\U00016b38\U00016b44\U00016d6e\U00016d6f\U00016e98\U0001bc9f\U0001da88")
+
