@@ -19,12 +19,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true",
         help="validate the config, print the DeepSpeed config and per-GPU memory estimates, and exit",
     )
+    parser.add_argument(
+        "--world-size", type=int, default=None,
+        help="with --dry-run: the number of GPUs to plan for (default: WORLD_SIZE or 1)",
+    )
 
 
 def _run(cfg: PretrainConfig, args: argparse.Namespace) -> int:
     from training.pretrain import pretrain  # heavy imports only when training
 
-    return pretrain(cfg, dry_run=args.dry_run)
+    return pretrain(cfg, dry_run=args.dry_run, world_size=args.world_size)
 
 
 def main(argv: list[str] | None = None) -> int:

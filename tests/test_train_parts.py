@@ -257,3 +257,33 @@ def test_mfu_and_peaks():
 def test_cpu_tiny_recipe_loads():
     cfg = load_config(PretrainConfig, "configs/pretrain/cpu_tiny.yaml")
     assert cfg.train.zero_stage in (0, 1, 2, 3)
+
+
+# ---------------------------------------------------------------------------- launcher checks
+
+def test_dry_run_prints_deepspeed_config_and_memory(capsys):
+    from launcher.pretrain import main
+
+    rc = main(["--config", "configs/pretrain/gpu_7b_zero3.yaml", "--dry-run", "--world-size", "32"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert '"train_batch_size": 1024' in out and '"stage": 3' in out
+    assert "GiB per GPU" in out and "<- this plan" in out and "4 node(s) x 8 GPU(s)" in out
+
+
+def test_dry_run_batch_mismatch_exits_2(capsys):
+    from launcher.pretrain import main
+
+    rc = main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run", "--world-size", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "train.global_batch_size (512)" in err and "data-parallel size (4) = 256" in err
+
+
+def test_fp16_on_cpu_is_refused_before_starting(capsys, tmp_path):
+    from launcher.pretrain import main
+
+    rc = main(["--config", "configs/pretrain/cpu_tiny.yaml", f"run_dir={tmp_path}",
+               "train.precision=fp16", "train.device=cpu"])
+    assert rc == 2
+    assert "fp16 needs a GPU" in capsys.readouterr().err

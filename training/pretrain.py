@@ -439,11 +439,11 @@ def _flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
 
 # -------------------------------------------------------------------------------- dry run
 
-def dry_run_report(cfg: PretrainConfig) -> int:
+def dry_run_report(cfg: PretrainConfig, world_size: int | None = None) -> int:
     """Validate, print the DeepSpeed config and model-state memory per GPU; no training."""
     from model.flops import num_params
 
-    world = env_world_size()
+    world = world_size or env_world_size()
     model_cfg = resolve_model_config(cfg.model)
     ds_config = build_deepspeed_config(cfg.train, cfg.optim, world)
     if env_rank() != 0:
@@ -455,22 +455,25 @@ def dry_run_report(cfg: PretrainConfig) -> int:
     print(json.dumps(ds_config, indent=2, sort_keys=True))
     print("model-state memory from DeepSpeed's estimators (weights, gradients, optimizer; "
           "activations excluded):")
-    for gpus, nodes in ((world, 1), (8, 1), (8, 2), (8, 4), (8, 8), (8, 16)):
+    plans = [(min(world, 8), max(1, math.ceil(world / 8)))]
+    plans += [p for p in ((8, 1), (8, 2), (8, 4), (8, 8), (8, 16)) if p != plans[0]]
+    for i, (gpus, nodes) in enumerate(plans):
         est = estimate_memory_per_gpu(cfg.train, total, largest, gpus, nodes)
         print(f"  {nodes:>3} node(s) x {gpus} GPU(s): {est['gpu_gib']:8.2f} GiB per GPU, "
-              f"{est['cpu_gib_per_node']:8.2f} GiB CPU per node")
+              f"{est['cpu_gib_per_node']:8.2f} GiB CPU per node" + ("   <- this plan" if i == 0 else ""))
     return 0
 
 
-def pretrain(cfg: PretrainConfig, dry_run: bool = False) -> int:
-    """Run (or with ``dry_run`` only check) pretraining as configured."""
+def pretrain(cfg: PretrainConfig, dry_run: bool = False, world_size: int | None = None) -> int:
+    """Run (or with ``dry_run`` only check, planning for ``world_size`` GPUs) pretraining."""
     if dry_run:
-        return dry_run_report(cfg)
+        return dry_run_report(cfg, world_size)
+    wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    check_device_support(cfg.train, "cuda" if wants_cuda else "cpu")
     ctx = init_distributed(cfg.train)
     run_dir = Path(cfg.run_dir)
     setup_logging(cfg.log.level, rank=ctx.rank, all_ranks=cfg.log.all_ranks,
                   rank_log_dir=run_dir / "logs" if cfg.log.rank_files else None)
-    check_device_support(cfg.train, ctx.device.type)
     trainer = Trainer(cfg, ctx)
     try:
         return trainer.run()

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from crucible.config import Section
+from training.config import CheckpointConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig
 
 
 class TaskConfig(Section):
@@ -16,8 +17,8 @@ class TaskConfig(Section):
     """Head: sequence classification, token classification (NER) or extractive QA."""
     format: Literal["csv", "tsv", "jsonl", "conll", "squad"] = "tsv"
     """File format of train/dev/test (tsv/csv need a header row unless `columns` is set)."""
-    train: str | None = None
-    """Training file."""
+    train: str | list[str] | None = None
+    """Training file, or a list of files read one after another."""
     dev: str | None = None
     """Development file (evaluated every train.eval_every steps); null: split from train."""
     test: str | None = None
@@ -25,7 +26,9 @@ class TaskConfig(Section):
     split_fractions: tuple[float, float] = (0.1, 0.1)
     """(dev, test) fractions split off the training file by a hash of each example when dev/test are null."""
     columns: list[str] | None = None
-    """Column names of a csv/tsv file without a header row."""
+    """Column names of a csv/tsv file without a header row (or replacing it, with skip_header_row)."""
+    skip_header_row: bool = False
+    """With `columns`: the files do have a header row; skip it (for files whose headers differ)."""
     text_column: str = "text"
     """Column with the text (classification)."""
     text_pair_column: str | None = None
@@ -73,3 +76,23 @@ class TaskConfig(Section):
         if not all(0 <= f < 1 for f in self.split_fractions) or sum(self.split_fractions) >= 1:
             raise ValueError(f"task.split_fractions must be two fractions summing below 1, got {self.split_fractions}")
         return self
+
+
+class FinetuneConfig(Section):
+    """Root config of ``launcher/finetune.py`` (and ``launcher/lr_find.py``)."""
+
+    init_from: str | None = None
+    """Pretraining run directory, model directory or Hugging Face Llama directory to start from."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained: load the backbone weights; random: same architecture and tokenizer, fresh weights (baseline)."""
+    run_dir: str = "runs/finetune"
+    """Run directory: checkpoints, logs, TensorBoard, metrics.json, predictions, task model directories."""
+    contamination_manifests: list[str] | None = None
+    """Pretraining manifest.json files for the contamination check (null: those of the init_from run, if known)."""
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.01))
+    schedule: ScheduleConfig = Field(
+        default_factory=lambda: ScheduleConfig(kind="linear", min_lr_ratio=0.0))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(eval_every=0))
+    checkpoint: CheckpointConfig = Field(default_factory=lambda: CheckpointConfig(every=0, keep_last=1))
+    log: LogConfig = Field(default_factory=LogConfig)

@@ -103,6 +103,8 @@ def _read_table(path: Path, cfg: TaskConfig) -> datasets.Dataset:
             kwargs["quoting"] = csv.QUOTE_NONE
         if cfg.columns:
             kwargs["column_names"] = cfg.columns
+            if cfg.skip_header_row:
+                kwargs["skiprows"] = 1
         builder = "csv"
     else:
         builder = "json"
@@ -159,8 +161,10 @@ def read_split(path: Path, cfg: TaskConfig) -> datasets.Dataset:
 
 
 def _bucket(example: dict) -> float:
-    """Stable position in [0, 1) from the example's content (never Python's hash())."""
-    key = json.dumps(example, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    """Stable position in [0, 1) from the example's content (never Python's hash()); QA
+    examples hash their context only, so questions on one paragraph stay in one split."""
+    content = example["context"] if "context" in example else example
+    key = json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
 
 
@@ -205,9 +209,12 @@ def _check_labels(ds: datasets.Dataset, split: str, labels: list[str], cfg: Task
 
 def load_task_data(cfg: TaskConfig) -> TaskData:
     """Read train/dev/test, split off dev/test by hash when missing, build and check the label map."""
-    train_path = _require_file(cfg.train, "train")
-    sources = {"train": str(train_path)}
-    train = read_split(train_path, cfg)
+    train_files = cfg.train if isinstance(cfg.train, list) else [cfg.train]
+    paths = [_require_file(f, "train") for f in train_files]
+    train_path = ", ".join(str(p) for p in paths)
+    sources = {"train": train_path}
+    parts = [read_split(p, cfg) for p in paths]
+    train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     splits: dict[str, datasets.Dataset] = {"train": train}
     if cfg.dev is None or cfg.test is None:
         parts = hash_split(train, *cfg.split_fractions)

@@ -34,3 +34,12 @@ def head_loss(kind: str, logits: torch.Tensor, target: torch.Tensor, problem_typ
         end = F.cross_entropy(logits[..., 1], target[:, 1], reduction="sum")
         return (start + end) / 2, target.shape[0]
     raise ValueError(f"unknown task kind {kind!r}")
+
+
+def label_count(kind: str, target: torch.Tensor, problem_type: str) -> int:
+    """How many labels ``head_loss`` will sum over, from the targets alone (before any forward)."""
+    if kind == "token_classification":
+        return int((target != IGNORE).sum())
+    if kind == "classification" and problem_type == "multi_label":
+        return target.numel()
+    return target.shape[0]
