@@ -155,9 +155,20 @@ def train_sentencepiece(texts: list[str], cfg: TokenizerConfig, out_dir: Path) -
                 f"sentencepiece training failed: {exc} (a vocabulary larger than the sample "
                 "supports? lower tokenizer.vocab_size or give more text)"
             ) from None
+        _strip_temp_prefix(Path(tmp) / MODEL_FILE)
         for name in (MODEL_FILE, VOCAB_FILE):
             shutil.move(str(Path(tmp) / name), out_dir / name)
     return stats
+
+
+def _strip_temp_prefix(model_path: Path) -> None:
+    """The model records its (temporary) output path; drop it so equal training gives equal bytes."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    proto.trainer_spec.model_prefix = "tokenizer"
+    model_path.write_bytes(proto.SerializeToString(deterministic=True))
 
 
 def build_hf_tokenizer(model_path: Path):

@@ -118,3 +118,12 @@ def test_config_errors_name_the_key():
         load_config(DataPrepConfig, None, ["tokenizer.model_type=wordpiece"])
     with pytest.raises(ConfigError, match="tokenizer.character_coverage"):
         load_config(DataPrepConfig, None, ["tokenizer.character_coverage=0.5"])
+
+
+def test_training_is_reproducible(tmp_path):
+    cfg = TokenizerConfig(vocab_size=400, heldout_documents=10)
+    texts = list(sample_texts())[:100]
+    a = train_tokenizer(texts, cfg, tmp_path / "a")
+    b = train_tokenizer(list(reversed(texts)), cfg, tmp_path / "b")  # sample is order independent
+    assert a["sha256"] == b["sha256"]
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == (tmp_path / "b" / "tokenizer.model").read_bytes()
