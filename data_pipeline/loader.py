@@ -491,7 +491,7 @@ class TrainLoader(_LoaderBase):
             "sources": [
                 {"manifest_sha256": src.manifest.sha256, "epoch": c // src.num_samples,
                  "position": c % src.num_samples, "consumed_samples": c}
-                for src, c in zip(self.sources, s.source_consumed)
+                for src, c in zip(self.sources, s.source_consumed, strict=True)
             ],
         }
 
@@ -511,9 +511,11 @@ class TrainLoader(_LoaderBase):
                 f"loader state was saved with mixing weights {state['weights']} but this run has "
                 f"{self._schedule.weights}; resume with the same data.weights"
             )
+        if len(state.get("sources", [])) != len(self.sources):
+            raise DataError(f"loader state has {len(state.get('sources', []))} sources, this run {len(self.sources)}")
         self._close_iterator()
         consumed = [int(src["epoch"]) * s.num_samples + int(src["position"])
-                    for src, s in zip(state["sources"], self.sources)]
+                    for src, s in zip(state["sources"], self.sources, strict=True)]
         self._schedule.consumed_samples = int(state["consumed_samples"])
         self._schedule.source_consumed = consumed
 

@@ -189,7 +189,7 @@ def verify_shards(manifest: Manifest) -> list[str]:
     """Compare every local shard's size and sha256 with the manifest; returns the problems."""
     problems = []
     for split, index in manifest.splits.items():
-        for url, nbytes, digest in zip(index.urls, index.nbytes, index.sha256):
+        for url, nbytes, digest in zip(index.urls, index.nbytes, index.sha256, strict=True):
             path = Path(url)
             if not path.is_file():
                 problems.append(f"{split}: {url} is missing")

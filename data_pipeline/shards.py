@@ -148,7 +148,7 @@ def _encode_batch(sp, texts: list[str], cfg: ShardConfig, eos: int, dtype) -> tu
         owner.extend([d] * len(parts))
     ids = sp.encode(pieces, num_threads=cfg.workers)
     per_doc: list[list[int]] = [[] for _ in texts]
-    for d, piece_ids in zip(owner, ids):
+    for d, piece_ids in zip(owner, ids, strict=True):
         per_doc[d].extend(piece_ids)
     arrays = []
     for doc_ids in per_doc:
@@ -193,7 +193,7 @@ def write_token_shards(
         arrays, n_split = _encode_batch(sp, batch, cfg, eos, dtype)
         split_documents += n_split
         routed: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-        for text, arr in zip(batch, arrays):
+        for text, arr in zip(batch, arrays, strict=True):
             val = is_validation(text, cfg.validation_fraction, cfg.split_seed)
             routed["validation" if val else "train"].append(arr)
         for s in SPLITS:

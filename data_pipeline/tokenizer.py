@@ -227,7 +227,7 @@ def tokenizer_report(sp: spm.SentencePieceProcessor, heldout: list[str], hf=None
     }
     if hf is not None:
         mismatched = sum(
-            hf(text, add_special_tokens=False).input_ids != x for text, x in zip(heldout, ids)
+            hf(text, add_special_tokens=False).input_ids != x for text, x in zip(heldout, ids, strict=True)
         )
         report["hf_mismatched_documents"] = mismatched
     return report

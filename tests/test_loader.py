@@ -58,8 +58,8 @@ def test_order_is_a_pure_function_of_seed(manifest):
     a = _take(build_train_loader(_cfg(manifest), 4, 0, 1), 6)
     b = _take(build_train_loader(_cfg(manifest), 4, 0, 1), 6)
     c = _take(build_train_loader(_cfg(manifest, seed=7), 4, 0, 1), 6)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_resume_gives_the_next_batches_and_reads_little(manifest):
@@ -71,7 +71,7 @@ def test_resume_gives_the_next_batches_and_reads_little(manifest):
     resumed = build_train_loader(cfg, 4, 0, 1)
     resumed.load_state_dict(state)
     after = _take(resumed, 5)
-    assert all(torch.equal(x, y) for x, y in zip(reference[7:], after))
+    assert all(torch.equal(x, y) for x, y in zip(reference[7:], after, strict=True))
     # no replay: 5 batches of 4 samples read, each one header + sample
     layout = json.loads(Path(manifest).read_text())["sample_layout"]
     per_sample = layout["header_bytes"] + layout["sample_bytes"]
@@ -83,12 +83,12 @@ def test_resume_with_two_workers_matches_uninterrupted_run(manifest):
     workers = _cfg(manifest, num_workers=2)
     first = build_train_loader(workers, 4, 0, 1)
     got = _take(first, 4)
-    assert all(torch.equal(x, y) for x, y in zip(reference, got))
+    assert all(torch.equal(x, y) for x, y in zip(reference[:4], got, strict=True))
     state = first.state_dict()
     resumed = build_train_loader(workers, 4, 0, 1)
     resumed.load_state_dict(state)
     after = _take(resumed, 6)
-    assert all(torch.equal(x, y) for x, y in zip(reference[4:], after))
+    assert all(torch.equal(x, y) for x, y in zip(reference[4:], after, strict=True))
 
 
 def test_two_ranks_disjoint_equal_batches_cover_the_epoch(manifest, train_samples):
@@ -274,7 +274,7 @@ def test_sample_bytes_are_little_endian_tokens(manifest, train_samples):
 def test_reads_fsspec_and_pipe_urls(manifest, tmp_path):
     reference = _take(build_train_loader(_cfg(manifest), 4, 0, 1), 4)
     via_fsspec = _take(build_train_loader(_cfg(f"file://{manifest}"), 4, 0, 1), 4)
-    assert all(torch.equal(x, y) for x, y in zip(reference, via_fsspec))
+    assert all(torch.equal(x, y) for x, y in zip(reference, via_fsspec, strict=True))
     data = json.loads(Path(manifest).read_text())
     for entries in data["splits"].values():
         for e in entries:
@@ -282,7 +282,7 @@ def test_reads_fsspec_and_pipe_urls(manifest, tmp_path):
     piped = tmp_path / "manifest.json"
     piped.write_text(json.dumps(data))
     loader = build_train_loader(_cfg(piped), 4, 0, 1)
-    assert all(torch.equal(x, y) for x, y in zip(reference, _take(loader, 4)))
+    assert all(torch.equal(x, y) for x, y in zip(reference, _take(loader, 4), strict=True))
 
 
 def _rank_share(rank: int, world_size: int, manifest: str) -> list[str]:

@@ -49,7 +49,7 @@ def test_shards_give_back_every_document_in_order(manifest, sp, split):
     # split at EOS: every complete document decodes to its exact text, in order
     ends = np.flatnonzero(stream == sp.eos_id())
     starts = np.concatenate([[0], ends[:-1] + 1])
-    decoded = [sp.decode(stream[a:b].tolist()) for a, b in zip(starts, ends)]
+    decoded = [sp.decode(stream[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
     assert decoded == docs[: len(decoded)]
     assert len(decoded) in (len(docs), len(docs) - 1)  # only the tail document may be cut
 
