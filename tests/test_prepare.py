@@ -61,3 +61,42 @@ def test_prepare_data_skips_finished_steps(tmp_path):
     changed = run_prepare_data(cfg.model_copy(update={"shard": cfg.shard.model_copy(update={"seq_len": 16})}))
     assert changed["steps"]["tokenizer"] == "skipped (complete)" and changed["steps"]["shards"] == "done"
     assert json.loads(manifest.read_text())["seq_len"] == 16
+
+
+@pytest.mark.slow
+def test_shard_stage_killed_midway_then_rerun_is_byte_identical(tmp_path, tmp_path_factory):
+    import os
+    import signal
+    import time
+
+    from data_pipeline.shards import run_shard
+    from data_pipeline.tario import sha256_file
+    from tests.datasets import shared_token_dataset
+
+    manifest = shared_token_dataset(tmp_path_factory)
+    tok = manifest.parent.parent / "tokenizer"
+    write_clean_shards(tmp_path / "clean", list(sample_texts()))
+    args = [f"input={tmp_path / 'clean'}", f"tokenizer_dir={tok}", "shard.seq_len=32",
+            "shard.samples_per_shard=256", "shard.batch_documents=8"]
+    killed_out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launcher" / "shard.py"), *args,
+                             f"output={killed_out}"], cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(killed_out.glob("train/*.tar"))) >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    was_killed = proc.returncode == -signal.SIGKILL
+    if was_killed:
+        assert not (killed_out / "manifest.json").exists()
+    assert _launch("shard.py", *args, f"output={killed_out}").returncode == 0
+    run_shard(load_config(DataPrepConfig, None, [*args, f"output={tmp_path / 'clean_run'}"]))
+
+    def hashes(folder: Path) -> dict:
+        return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*.tar"))}
+
+    assert hashes(killed_out) == hashes(tmp_path / "clean_run")
+    assert not list(killed_out.rglob("*.tmp"))
+    assert was_killed, "the run finished before it could be killed; the byte check still ran"
