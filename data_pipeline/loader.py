@@ -148,6 +148,23 @@ class Schedule:
 
 # ---------------------------------------------------------------- reading samples
 
+def _open_shard(url: str) -> tuple[Any, int]:
+    """``(handle, size)``: an fd for local files, an fsspec file for URLs, bytes for ``pipe:``."""
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        with gopen(url, "rb") as stream:
+            data = stream.read()
+        return data, len(data)
+    if is_url(url):
+        import fsspec
+
+        handle = fsspec.open(url, "rb", cache_type="blockcache", block_size=1 << 20).open()
+        return handle, handle.size
+    fd = os.open(url, os.O_RDONLY)
+    return fd, os.fstat(fd).st_size
+
+
 class ShardReader:
     """Reads single samples of one split's shards by offset; counts bytes; checks headers."""
 
@@ -190,25 +207,13 @@ class ShardReader:
             return handle
         url = self.index.urls[shard]
         expected = int(self.index.nbytes[shard])
-        if url.startswith("pipe:"):
-            from webdataset.gopen import gopen
-
-            with gopen(url, "rb") as stream:
-                handle = stream.read()
-            self.stats["bytes_read"] += len(handle)
-            size = len(handle)
-        elif is_url(url):
-            import fsspec
-
-            handle = fsspec.open(url, "rb", cache_type="blockcache", block_size=1 << 20).open()
-            size = handle.size
-        else:
-            try:
-                handle = os.open(url, os.O_RDONLY)
-            except OSError as exc:
-                self._fail(shard, f"cannot open it ({exc.strerror})")
-                return None
-            size = os.fstat(handle).st_size
+        try:
+            handle, size = _open_shard(url)
+        except Exception as exc:  # noqa: BLE001 - any backend's failure becomes a ShardError
+            self._fail(shard, f"cannot open it ({type(exc).__name__}: {exc})")
+            return None
+        if isinstance(handle, bytes):
+            self.stats["bytes_read"] += size
         if size != expected:
             self._fail(shard, f"it has {size} bytes, the manifest says {expected} (truncated?)")
         self._files[shard] = handle
