@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -138,6 +140,32 @@ def measure_layout(path: Path, samples: int, sample_bytes: int, first_index: int
     return header, stride
 
 
+class _WriteBehind:
+    """Shard writing (tar, fsync, checksum) on one background thread while the next batch encodes.
+
+    One worker runs the writes in submission order, so the output is unchanged; sentencepiece
+    releases the GIL while encoding. At most ``depth`` batches wait, bounding memory.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.pending: deque[Future] = deque()
+        self.depth = depth
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def finish(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+        self.pool.shutdown()
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _encode_batch(sp, texts: list[str], cfg: ShardConfig, eos: int, dtype) -> tuple[list[np.ndarray], int]:
     """Encode documents (long ones split first) and append EOS; returns arrays and split count."""
     pieces: list[str] = []
@@ -189,17 +217,23 @@ def write_token_shards(
     packers = {s: Packer(cfg.seq_len, dtype) for s in SPLITS}
     writers = {s: SplitWriter(out, s, cfg.samples_per_shard, dtype) for s in SPLITS}
     split_documents = 0
-    for batch in _batches(texts, cfg.batch_documents):
-        arrays, n_split = _encode_batch(sp, batch, cfg, eos, dtype)
-        split_documents += n_split
-        routed: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-        for text, arr in zip(batch, arrays, strict=True):
-            val = is_validation(text, cfg.validation_fraction, cfg.split_seed)
-            routed["validation" if val else "train"].append(arr)
-        for s in SPLITS:
-            writers[s].add(packers[s].add(routed[s]))
-    for w in writers.values():
-        w.close()
+    behind = _WriteBehind()
+    try:
+        for batch in _batches(texts, cfg.batch_documents):
+            arrays, n_split = _encode_batch(sp, batch, cfg, eos, dtype)
+            split_documents += n_split
+            routed: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+            for text, arr in zip(batch, arrays, strict=True):
+                val = is_validation(text, cfg.validation_fraction, cfg.split_seed)
+                routed["validation" if val else "train"].append(arr)
+            for s in SPLITS:
+                behind.submit(writers[s].add, packers[s].add(routed[s]))
+        for w in writers.values():
+            behind.submit(w.close)
+        behind.finish()
+    except BaseException:
+        behind.abort()
+        raise
     manifest = _manifest(out, tokenizer_dir, sp, dtype, cfg, packers, writers, split_documents, root_cfg)
     write_provenance(out, root_cfg if root_cfg is not None else cfg)
     atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
