@@ -145,7 +145,7 @@ class TaskBatches:
 class FinetuneTrainer(Trainer):
     """Fine-tuning on the pretraining machinery (see the module docstring)."""
 
-    def __init__(self, cfg: FinetuneConfig, ctx: DistContext) -> None:  # noqa: D401
+    def __init__(self, cfg: FinetuneConfig, ctx: DistContext, data: TaskData | None = None) -> None:
         from model.io import find_model_dir, read_model_config
 
         self.cfg, self.ctx = cfg, ctx
@@ -159,7 +159,7 @@ class FinetuneTrainer(Trainer):
             else None
         self.tokenizer = load_tokenizer(self.source_dir)
         self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        self.data = load_task_data(cfg.task)
+        self.data = data if data is not None else load_task_data(cfg.task)
         self.features = featurize(self.data, cfg, self.tokenizer)
         self.plan = resolve_batch(cfg.train, ctx.world_size)
         self.loader = TaskBatches(self.features["train"], cfg.task.kind, self.plan.micro_batch_size,
@@ -422,12 +422,13 @@ def finetune(cfg: FinetuneConfig) -> int:
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
+    data = load_task_data(cfg.task)  # bad data fails here, before any process group exists
     ctx = init_distributed(cfg.train)
     run_dir = Path(cfg.run_dir)
     setup_logging(cfg.log.level, rank=ctx.rank, all_ranks=cfg.log.all_ranks,
                   rank_log_dir=run_dir / "logs" if cfg.log.rank_files else None)
     check_device_support(cfg.train, ctx.device.type)
-    trainer = FinetuneTrainer(cfg, ctx)
+    trainer = FinetuneTrainer(cfg, ctx, data)
     try:
         return trainer.run()
     except RuntimeError as exc:
