@@ -36,8 +36,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,7 +139,7 @@ class Schedule:
             self.consumed_samples = g + 1
         return slots
 
-    def copy(self) -> "Schedule":
+    def copy(self) -> Schedule:
         other = object.__new__(Schedule)
         other.weights, other.sizes = self.weights, self.sizes
         other.consumed_samples = self.consumed_samples

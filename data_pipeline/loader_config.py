@@ -28,7 +28,7 @@ class LoaderConfig(Section):
     the same batch and count them (loader.stats)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "LoaderConfig":
+    def _check(self) -> LoaderConfig:
         if self.weights is not None and len(self.weights) != len(self.manifests):
             raise ValueError(
                 f"data.weights has {len(self.weights)} entries but data.manifests has "

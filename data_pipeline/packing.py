@@ -7,7 +7,7 @@ ends is the *tail*, dropped and counted.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -13,9 +13,10 @@ import json
 import logging
 import tarfile
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,13 @@ from crucible.config import config_to_dict
 from crucible.errors import DataError
 from crucible.provenance import provenance, write_provenance
 from data_pipeline.manifest import (
-    FORMAT, KEY_DIGITS, MANIFEST_FILE, SPLITS, TAR_BLOCK, sample_key, tar_stride,
+    FORMAT,
+    KEY_DIGITS,
+    MANIFEST_FILE,
+    SPLITS,
+    TAR_BLOCK,
+    sample_key,
+    tar_stride,
 )
 from data_pipeline.packing import Packer, is_validation, split_text, token_dtype
 from data_pipeline.tario import atomic_tar_writer, atomic_write_text, sha256_file
@@ -113,7 +120,7 @@ class SplitWriter:
             raise RuntimeError(f"{path}: tar layout {layout} differs from earlier shards {self.layout}")
         self.layout = layout
         self.entries.append({
-            "path": rel, "samples": int(len(data)), "tokens": int(data.size),
+            "path": rel, "samples": len(data), "tokens": int(data.size),
             "bytes": path.stat().st_size, "sha256": sha256_file(path),
             "first_key": sample_key(self.next_index),
         })

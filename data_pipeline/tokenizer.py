@@ -27,8 +27,8 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import sentencepiece as spm
 import xxhash

@@ -49,7 +49,7 @@ class TokenizerConfig(Section):
     """Threads sentencepiece trains with."""
 
     @model_validator(mode="after")
-    def _check(self) -> "TokenizerConfig":
+    def _check(self) -> TokenizerConfig:
         if len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
             raise ValueError(
                 f"tokenizer.user_defined_symbols has duplicates: {self.user_defined_symbols}"

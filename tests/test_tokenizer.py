@@ -13,7 +13,10 @@ from crucible.config import load_config
 from crucible.errors import ConfigError
 from data_pipeline.config import DataPrepConfig
 from data_pipeline.tokenizer import (
-    build_hf_tokenizer, sample_documents, split_long_line, train_tokenizer,
+    build_hf_tokenizer,
+    sample_documents,
+    split_long_line,
+    train_tokenizer,
 )
 from data_pipeline.tokenizer_config import TokenizerConfig
 from tests.datasets import SAMPLE, sample_texts, shared_token_dataset
