@@ -39,7 +39,7 @@ def test_kv_cache_matches_full_forward(model):
     assert full == new
 
 
-@pytest.mark.parametrize("tie,theta", [(False, 10000.0), (True, 50000.0)])
+@pytest.mark.parametrize("tie,theta", [(True, 50000.0)])  # GQA, tied, non-default theta
 def test_greedy_batch_matches_hf_generate(tmp_path, tie, theta):
     from transformers import AutoModelForCausalLM
 
