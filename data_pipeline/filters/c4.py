@@ -25,7 +25,8 @@ def c4_filter(text: str, cfg: C4Config) -> tuple[str, str | None]:
     for line in text.splitlines():
         line = line.strip()
         words = line.split()
-        if cfg.max_word_length and any(len(w) > cfg.max_word_length for w in words):
+        if cfg.max_word_length and len(line) > cfg.max_word_length and any(
+                len(w) > cfg.max_word_length for w in words):
             continue
         if cfg.remove_citations:
             line = CITATION.sub("", line)

@@ -7,6 +7,7 @@ decisions are comparable (``bench/clean.py``). Each function returns the drop re
 from __future__ import annotations
 
 import re
+from itertools import filterfalse
 
 import numpy as np
 
@@ -19,7 +20,8 @@ _LINE_SPLIT = re.compile(r"\n+")
 
 def gopher_quality(text: str, words: list[str], cfg: GopherQualityConfig) -> str | None:
     n_words = len(words)
-    content = [w for w in words if w.isalnum() or not is_punct_token(w)]
+    alnum = list(filter(str.isalnum, words))  # the bulk, filtered at C speed
+    content = alnum + [w for w in filterfalse(str.isalnum, words) if not is_punct_token(w)]
     n_content = len(content)
     if n_words == 0 or (cfg.min_doc_words and n_content < cfg.min_doc_words):
         return "gopher_quality.short_doc"
@@ -46,7 +48,8 @@ def gopher_quality(text: str, words: list[str], cfg: GopherQualityConfig) -> str
         if ellipsis / len(lines) > cfg.max_ellipsis_lines_ratio:
             return "gopher_quality.too_many_ellipsis_lines"
     if cfg.min_alpha_words_ratio:
-        alpha = sum(1 for w in words if w.isalpha() or any(map(str.isalpha, w)))
+        alpha = sum(map(str.isalpha, words)) + sum(
+            1 for w in filterfalse(str.isalpha, words) if any(map(str.isalpha, w)))
         if alpha / n_words < cfg.min_alpha_words_ratio:
             return "gopher_quality.few_alpha_words"
     if cfg.min_stop_words and len(set(cfg.stop_words).intersection(words)) < cfg.min_stop_words:
@@ -68,32 +71,50 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
 
 
 class _NgramIndex:
-    """Integer n-gram hashes of a word list, for exact counting without building n-gram strings.
+    """Exact n-gram repeat structure of a word list, without building n-gram strings.
 
-    Words are numbered by first appearance; an n-gram's key is a polynomial hash of its word
-    numbers (uint64, wrapping), computed for all positions at once with numpy.
+    Words are numbered by first appearance and an n-gram's key is a polynomial hash of its word
+    numbers (uint64, wrapping), computed for all positions at once with numpy. Every occurrence
+    of a repeated n-gram starts an occurrence of a repeated (n-1)-gram, so the repeats for n
+    are found among the repeats for n - 1: only the first, smallest n needs a full pass.
     """
 
     def __init__(self, words: list[str]) -> None:
-        ids: dict[str, int] = {}
-        self.ids = np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.uint64, count=len(words))
-        self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        self.cum = np.concatenate(([0], np.cumsum(self.lengths)))
-        self._hashes: dict[int, np.ndarray] = {}
+        number = {w: i for i, w in enumerate(dict.fromkeys(words))}
+        self.ids = np.fromiter(map(number.__getitem__, words), dtype=np.uint64, count=len(words))
+        self.cum = np.concatenate(([0], np.cumsum(np.fromiter(map(len, words), dtype=np.int64,
+                                                              count=len(words)))))
+        self._repeats: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def hashes(self, n: int) -> np.ndarray:
-        if n not in self._hashes:
-            count = max(len(self.ids) - n + 1, 0)
-            h = np.zeros(count, dtype=np.uint64)
-            for k in range(n if count else 0):
-                h = h * _PRIME + self.ids[k:k + count]
-            self._hashes[n] = h
-        return self._hashes[n]
+    def count(self, n: int) -> int:
+        """Number of n-gram positions."""
+        return max(len(self.ids) - n + 1, 0)
 
-    def chars(self, n: int) -> np.ndarray:
-        """Characters of the words of each n-gram (separators not counted)."""
-        count = len(self.ids) - n + 1
-        return self.cum[n:n + count] - self.cum[:count]
+    def hashes(self, n: int, positions: np.ndarray) -> np.ndarray:
+        h = np.zeros(len(positions), dtype=np.uint64)
+        for k in range(n):
+            h = h * _PRIME + self.ids[positions + k]
+        return h
+
+    def chars(self, n: int, positions: np.ndarray | int) -> np.ndarray:
+        """Characters of the words of the n-grams at ``positions`` (separators not counted)."""
+        return self.cum[np.add(positions, n)] - self.cum[positions]
+
+    def repeats(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(positions, first occurrence, key, count) of every occurrence of an n-gram seen twice or more."""
+        if n not in self._repeats:
+            count = self.count(n)
+            if n - 1 in self._repeats:
+                cand = self._repeats[n - 1][0]
+                cand = cand[cand < count]
+            else:
+                cand = np.arange(count)
+            _, first_idx, inverse, counts = np.unique(self.hashes(n, cand), return_index=True,
+                                                      return_inverse=True, return_counts=True)
+            keep = counts[inverse] > 1
+            self._repeats[n] = (cand[keep], cand[first_idx[inverse]][keep], inverse[keep],
+                                counts[inverse][keep])
+        return self._repeats[n]
 
 
 _PRIME = np.uint64(1_000_003)
@@ -104,13 +125,14 @@ def _top_ngram_chars(index: _NgramIndex, n: int) -> int:
 
     Ties go to the n-gram that appears first, as ``Counter.most_common`` does.
     """
-    h = index.hashes(n)
-    if len(h) == 0:
+    if index.count(n) == 0:
         return 0
-    _, first, counts = np.unique(h, return_index=True, return_counts=True)
-    top = counts.max()
-    pos = int(first[counts == top].min())
-    return int(index.chars(n)[pos] + n - 1) * int(top)
+    pos, first, _, counts = index.repeats(n)
+    if len(pos) == 0:
+        return int(index.chars(n, 0)) + n - 1
+    top = int(counts.max())
+    at = int(first[counts == top].min())
+    return (int(index.chars(n, at)) + n - 1) * top
 
 
 def _duplicated_ngram_chars(index: _NgramIndex, n: int) -> int:
@@ -120,30 +142,27 @@ def _duplicated_ngram_chars(index: _NgramIndex, n: int) -> int:
     positions whose n-gram occurred before (usually few): every other position is a first
     occurrence and would simply be added to the set.
     """
-    h = index.hashes(n)
-    if len(h) == 0:
+    if index.count(n) == 0:
         return 0
-    _, first_at, inverse = np.unique(h, return_index=True, return_inverse=True)
-    first = first_at[inverse]
-    repeats = np.flatnonzero(first < np.arange(len(h)))
-    if len(repeats) == 0:
+    pos, first, key, _ = index.repeats(n)
+    later = first < pos
+    if not later.any():
         return 0
-    chars = index.chars(n)
-    skipped = np.zeros(len(h), dtype=bool)
+    pos, first, key = pos[later].tolist(), first[later].tolist(), key[later].tolist()
+    chars = index.chars(n, np.array(pos)).tolist()
+    skipped_until = -1  # positions up to here were skipped by the last repeat
+    skipped: set[int] = set()
     seen_late: set[int] = set()  # n-grams first added at a repeat whose first occurrence was skipped
     repeated = 0
-    next_pos = 0
-    for pos in repeats.tolist():
-        if pos < next_pos:
-            continue  # skipped over by an earlier repeat
-        key = int(inverse[pos])
-        if not skipped[first[pos]] or key in seen_late:
-            repeated += int(chars[pos])
-            skipped[pos + 1:pos + n] = True
-            next_pos = pos + n
+    for p, f, k, c in zip(pos, first, key, chars):
+        if p <= skipped_until:
+            continue
+        if f not in skipped or k in seen_late:
+            repeated += c
+            skipped.update(range(p + 1, p + n))
+            skipped_until = p + n - 1
         else:
-            seen_late.add(key)
-            next_pos = pos + 1
+            seen_late.add(k)
     return repeated
 
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from itertools import chain
 
 from data_pipeline.filters import spacy_en_rules as _rules
 
-_PREFIX = re.compile(_rules.PREFIX).search
-_SUFFIX = re.compile(_rules.SUFFIX).search
+_PREFIX_RE = re.compile(_rules.PREFIX)  # every alternative is anchored with ^
+_ALNUM_PREFIX_STARTS = frozenset("UCA")  # US$, C$, A$: the only prefixes starting with a letter
+_DIGIT_OR_APOSTROPHE = re.compile(r"[0-9'’]").search
+_SUFFIX_RE = re.compile(_rules.SUFFIX)
+_SUFFIX_WINDOW = 24
 _INFIX = re.compile(_rules.INFIX).finditer
 _URL = re.compile(_rules.URL).match
 _SPECIAL = _rules.EXCEPTIONS
@@ -25,6 +29,27 @@ _SPECIAL = _rules.EXCEPTIONS
 # spaCy merges those pieces back after splitting, and so does _merge_specials.
 _SPECIAL_SPANS = {k for k in _SPECIAL if not k.isalnum() and not k.isspace()}
 _MAX_SPAN = 6
+
+
+def _PREFIX(chunk: str) -> re.Match | None:
+    if chunk[0].isalnum() and chunk[0] not in _ALNUM_PREFIX_STARTS:
+        return None
+    return _PREFIX_RE.match(chunk)
+
+
+def _SUFFIX(chunk: str) -> re.Match | None:
+    """spaCy's suffix search, looking only at the end of the chunk (all suffix rules end in $).
+
+    Suffixes that end in a letter or digit are units/currencies after a digit and 's/'S, so a
+    chunk ending in one without any digit or apostrophe has no suffix.
+    """
+    if not chunk or (chunk[-1].isalnum() and not _DIGIT_OR_APOSTROPHE(chunk)):
+        return None
+    start = max(len(chunk) - _SUFFIX_WINDOW, 0)
+    m = _SUFFIX_RE.search(chunk, start)
+    if m is not None and start and m.start() == start:
+        m = _SUFFIX_RE.search(chunk)  # a suffix longer than the window (e.g. a long run of dots)
+    return m
 
 
 def _split_affixes(chunk: str) -> tuple[list[str], str, list[str]]:
@@ -80,6 +105,11 @@ def _split_chunk(chunk: str) -> tuple[str, ...]:
     """spaCy's tokenisation of one whitespace-free chunk (``_split_affixes`` + ``_attach_tokens``)."""
     if chunk in _SPECIAL:
         return _SPECIAL[chunk]
+    if chunk.isalpha():
+        return (chunk,)
+    simple = _simple_affixes(chunk)
+    if simple is not None:
+        return simple
     prefixes, core, suffixes = _split_affixes(chunk)
     out: list[str] = []
     for p in prefixes:
@@ -103,7 +133,28 @@ def _split_chunk(chunk: str) -> tuple[str, ...]:
                 out.append(core[start:])
     for s in reversed(suffixes):
         _expand(s, out)
-    return tuple(_merge_specials(out)) if len(out) > 1 else tuple(out)
+    if len(out) > 1 and not _SPAN_FIRST.isdisjoint(out):
+        return tuple(_merge_specials(out))
+    return tuple(out)
+
+
+# Punctuation that spaCy splits off as a suffix/prefix unconditionally (no lookbehind rule).
+_PLAIN_SUFFIX = frozenset(',;:!?)]}"\'')
+_PLAIN_PREFIX = frozenset('(["\'')
+
+
+def _simple_affixes(chunk: str) -> tuple[str, ...] | None:
+    """Fast path for the commonest shapes, "word," "word." "(word": same result as the full rules."""
+    last, first = chunk[-1], chunk[0]
+    if len(chunk) > 1 and (last in _PLAIN_SUFFIX or (last == "." and "a" <= chunk[-2] <= "z")):
+        core = chunk[:-1]
+        if core.isalpha() and core not in _SPECIAL:
+            return (core, last)
+    if len(chunk) > 1 and first in _PLAIN_PREFIX:
+        core = chunk[1:]
+        if core.isalpha() and core not in _SPECIAL:
+            return (first, core)
+    return None
 
 
 def _merge_specials(tokens: list[str]) -> list[str]:
@@ -124,20 +175,28 @@ def _merge_specials(tokens: list[str]) -> list[str]:
     return out
 
 
+def _span_first_pieces() -> frozenset[str]:
+    """First piece of every multi-piece special case: a merge can only start at one of them."""
+    firsts = set()
+    for key in _SPECIAL_SPANS:
+        pre, core, suf = _split_affixes(key)
+        pieces = pre + ([core] if core else []) + suf[::-1]
+        if len(pieces) > 1:
+            firsts.add(pieces[0])
+        firsts.update(p for p in (pre + suf) if len(p) > 1)
+    firsts.update(k[:i] for k in _SPECIAL_SPANS for i in range(1, len(k)))
+    return frozenset(firsts)
+
+
 def split_words(text: str) -> list[str]:
     """Words and punctuation tokens of ``text``, as spaCy's English tokenizer gives them."""
-    out: list[str] = []
-    append, extend = out.append, out.extend
-    for chunk in text.split():
-        if chunk.isalpha() and chunk not in _SPECIAL:
-            append(chunk)
-        else:
-            extend(_split_chunk(chunk))
-    return out
+    return list(chain.from_iterable(map(_split_chunk, text.split())))
 
 
+@lru_cache(maxsize=1 << 16)
 def is_punct_token(token: str) -> bool:
-    return not (token.isalnum() or any(ch.isalnum() for ch in token))
+    """True for tokens without a letter or digit (datatrove's "symbol words")."""
+    return not (token.isalnum() or any(map(str.isalnum, token)))
 
 
 def count_sentences(tokens: list[str]) -> int:
@@ -164,3 +223,5 @@ SENTENCE_END = frozenset("!.?\u0589\u061f\u06d4\u0700\u0701\u0702\u07f9\u0964\u0
 # Unicode Sentence_Terminal characters (what "ends in terminal punctuation" means for FineWeb).
 TERMINAL_PUNCTUATION = frozenset("!.?\u0589\u061d\u061e\u061f\u06d4\u0700\u0701\u0702\u07f9\u0837\u0839\u083d\u083e\u0964\u0965\u104a\u104b\u1362\u1367\u1368\u166e\u1735\u1736\u17d4\u17d5\u17d6\u17d9\u17da\u1803\u1809\u1944\u1945\u1aa8\u1aa9\u1aaa\u1aab\u1b4e\u1b4f\u1b5a\u1b5b\u1b5e\u1b5f\u1b7d\u1b7e\u1b7f\u1c3b\u1c3c\u1c7e\u1c7f\u2024\u203c\u203d\u2047\u2048\u2049\u2cf9\u2cfa\u2cfb\u2e2e\u2e3c\u2e53\u2e54\u2e60\u2e61\u3002\ua4ff\ua60e\ua60f\ua6f3\ua6f7\ua876\ua877\ua8ce\ua8cf\ua92f\ua9c8\ua9c9\uaa5d\uaa5e\uaa5f\uaaf0\uaaf1\uabeb\ufe12\ufe15\ufe16\ufe52\ufe56\ufe57\uff01\uff0e\uff1f\uff61\U00010a56\U00010a57\U00010f55\U00010f56\U00010f57\U00010f58\U00010f59\U00010f86\U00010f87\U00010f88\U00010f89\U00011047\U00011048\U000110be\U000110bf\U000110c0\U000110c1\U00011141\U00011142\U00011143\U000111c5\U000111c6\U000111cd\U000111de\U000111df\U00011238\U00011239\U0001123b\U0001123c\U000112a9\U000113d4\U000113d5\U0001144b\U0001144c\U000115c2\U000115c3\U000115c9\U000115ca\U000115cb\U000115cc\U000115cd\U000115ce\U000115cf\U000115d0\U000115d1\U000115d2\U000115d3\U000115d4\U000115d5\U000115d6\U000115d7\U00011641\U00011642\U0001173c\U0001173d\U0001173e\U00011944\U00011946\U00011a42\U00011a43\U00011a9b\U00011a9c\U00011c41\U00011c42\U00011ef7\U00011ef8\U00011f43\U00011f44\U00016a6e\U00016a6f\U00016af5\U00016b37\U00016b38\U00016b44\U00016d6e\U00016d6f\U00016e98\U0001bc9f\U0001da88")
 
+
+_SPAN_FIRST = _span_first_pieces()
