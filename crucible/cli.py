@@ -73,7 +73,8 @@ def stage_main(
     parser = stage_parser(root_cls, prog, description)
     if add_arguments is not None:
         add_arguments(parser)
-    args = parser.parse_args(argv)
+    # options may stand between overrides (deepspeed appends --local_rank after them)
+    args = parser.parse_intermixed_args(argv)
 
     def _go() -> Any:
         cfg = load_config(root_cls, args.config, args.overrides)

@@ -15,3 +15,22 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random-weight model directory with the shared test tokenizer (a stand-in for a
+    pretrained checkpoint where only the plumbing is under test)."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.io import save_model_dir
+    from model.transformer import Transformer
+    from tests.datasets import shared_token_dataset
+
+    tok_dir = shared_token_dataset(tmp_path_factory).parent.parent / "tokenizer"
+    out = tmp_path_factory.mktemp("pretrained") / "model"
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
+    save_model_dir(out, Transformer(cfg).state_dict(), cfg, tokenizer_dir=tok_dir)
+    return out

@@ -10,7 +10,6 @@ import datasets
 import pytest
 import torch
 
-from tests.datasets import shared_token_dataset
 from tests.harness import ROOT, cpu_env, run_deepspeed
 from training.finetune import TaskBatches
 
@@ -65,20 +64,6 @@ def test_task_batches_padding_and_epoch_rollover():
     assert tokens.shape[0] == 4 and target.shape == (4, 1)
     lengths = (tokens != 3).sum(1)
     assert tokens.shape[1] == int(lengths.max())
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from model.config import ModelConfig
-    from model.io import save_model_dir
-    from model.transformer import Transformer
-
-    tok_dir = shared_token_dataset(tmp_path_factory).parent.parent / "tokenizer"
-    out = tmp_path_factory.mktemp("pretrained") / "model"
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
-    save_model_dir(out, Transformer(cfg).state_dict(), cfg, tokenizer_dir=tok_dir)
-    return out
 
 
 def _python(args, **kw):
