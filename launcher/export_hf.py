@@ -3,6 +3,8 @@
     python launcher/export_hf.py --model <model dir | run dir> --output <hf dir>
     python launcher/export_hf.py --import-hf <hf llama dir> --output <model dir>
 
+A fine-tuned task model (from launcher/finetune.py) exports to the matching Hugging Face class
+(LlamaForSequenceClassification, LlamaForTokenClassification, LlamaForQuestionAnswering).
 The export loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
 and gives the same logits as our model. Weights are streamed shard by shard (--max-shard-size),
 so exporting never needs the whole model in memory.
@@ -53,8 +55,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.import_hf is not None:
         import_hf(args.import_hf, out)
     else:
-        export_hf(find_model_dir(args.model), out, max_shard_bytes=parse_size(args.max_shard_size),
-                  dtype=args.dtype)
+        from model.task_io import export_task_hf, is_task_dir
+
+        model_dir = find_model_dir(args.model)
+        if is_task_dir(model_dir):  # a fine-tuned task model -> LlamaFor{SequenceClassification,...}
+            export_task_hf(model_dir, out)
+        else:
+            export_hf(model_dir, out, max_shard_bytes=parse_size(args.max_shard_size), dtype=args.dtype)
     print(f"wrote {out}")
     return 0
 
