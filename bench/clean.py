@@ -14,6 +14,7 @@ Needs the ``bench`` extra (datatrove + spaCy): ``pip install -e .[bench]``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -111,13 +112,20 @@ def agreement(ours: list[str | None], theirs: list[str | None]) -> tuple[float, 
             sum(b is not None for b in theirs))
 
 
-def report(name: str, texts: list[str], show_diff: int) -> None:
-    ours, t_ours = run_ours(texts)
-    theirs, t_dt = run_datatrove(texts)
+def report(name: str, texts: list[str], show_diff: int, repeat: int) -> None:
+    """Runs the two sides alternately ``repeat`` times and reports the median CPU time of each."""
+    times_ours, times_dt = [], []
+    for _ in range(repeat):
+        ours, t = run_ours(texts)
+        times_ours.append(t)
+        theirs, t = run_datatrove(texts)
+        times_dt.append(t)
+    t_ours, t_dt = statistics.median(times_ours), statistics.median(times_dt)
     n = len(texts)
-    print(f"\n== {name}: {n} documents, {sum(map(len, texts)) / 1e6:.1f} M characters")
-    print(f"ours      {n / t_ours:10.1f} docs/s/core  ({t_ours:.2f} s CPU)")
-    print(f"datatrove {n / t_dt:10.1f} docs/s/core  ({t_dt:.2f} s CPU)")
+    print(f"\n== {name}: {n} documents, {sum(map(len, texts)) / 1e6:.1f} M characters "
+          f"(median of {repeat} alternating runs, CPU time of this one process)")
+    print(f"ours      {n / t_ours:10.1f} docs/s/core  ({t_ours:.2f} s; runs {', '.join(f'{t:.2f}' for t in times_ours)})")
+    print(f"datatrove {n / t_dt:10.1f} docs/s/core  ({t_dt:.2f} s; runs {', '.join(f'{t:.2f}' for t in times_dt)})")
     print(f"speed ratio (ours / datatrove): {t_dt / t_ours:.1f}x")
     print(f"{'rule':<20}{'decision agree':>16}{'reason agree':>14}{'ours drop':>11}{'dt drop':>9}")
     for f in FILTERS:
@@ -161,10 +169,11 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["web", "news"], choices=sorted(SETS))
     parser.add_argument("--limit", type=int, default=0, help="at most this many documents per set (0: all)")
     parser.add_argument("--show-diff", type=int, default=0, help="print the N most common disagreements")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating timed runs per side (median reported)")
     parser.add_argument("--extract", action="store_true", help="also compare resiliparse and trafilatura")
     args = parser.parse_args()
     for name in args.sets:
-        report(name, load_documents(args.data, name, args.limit), args.show_diff)
+        report(name, load_documents(args.data, name, args.limit), args.show_diff, args.repeat)
     if args.extract:
         bench_extract(args.data, args.limit)
 

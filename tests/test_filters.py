@@ -237,12 +237,13 @@ def _reference_top(words: list[str], n: int) -> int:
 def test_fast_ngram_counts_equal_the_plain_walk(seed):
     import random
 
-    from data_pipeline.filters.gopher import _duplicated_ngram_chars, _NgramIndex, _top_ngram_chars
+    from data_pipeline.filters.gopher import (_duplicated_ngram_chars, _NgramIndex, _PlainNgrams,
+                                              _top_ngram_chars)
 
     rng = random.Random(seed)
     vocab = ["a", "bb", "ccc", "dd", "e", "fff"][: rng.randint(1, 6)]
     words = [rng.choice(vocab) for _ in range(rng.randint(0, 60))]
-    index = _NgramIndex(words)
+    index, plain = _NgramIndex(words), _PlainNgrams(words)
     for n in range(2, 11):
-        assert _duplicated_ngram_chars(index, n) == _reference_duplicated(words, n)
-        assert _top_ngram_chars(index, n) == _reference_top(words, n)
+        assert _duplicated_ngram_chars(index, n) == _reference_duplicated(words, n) == plain.duplicated(n)
+        assert _top_ngram_chars(index, n) == _reference_top(words, n) == plain.top(n)

@@ -7,6 +7,8 @@ decisions are comparable (``bench/clean.py``). Each function returns the drop re
 from __future__ import annotations
 
 import re
+from collections import Counter
+from functools import partial
 from itertools import filterfalse
 
 import numpy as np
@@ -107,6 +109,9 @@ class _NgramIndex:
             if n - 1 in self._repeats:
                 cand = self._repeats[n - 1][0]
                 cand = cand[cand < count]
+                if len(cand) == 0:
+                    self._repeats[n] = self._repeats[n - 1]
+                    return self._repeats[n]
             else:
                 cand = np.arange(count)
             _, first_idx, inverse, counts = np.unique(self.hashes(n, cand), return_index=True,
@@ -118,6 +123,43 @@ class _NgramIndex:
 
 
 _PRIME = np.uint64(1_000_003)
+_NUMPY_MIN_WORDS = 400  # below this many words plain Python beats numpy's per-call overhead
+
+
+class _PlainNgrams:
+    """The same counts as :class:`_NgramIndex` with tuples and a Counter (faster on short documents)."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+        self.unique_from: int | None = None
+
+    def grams(self, n: int) -> list[tuple[str, ...]]:
+        return list(zip(*(self.words[i:] for i in range(n))))
+
+    def top(self, n: int) -> int:
+        grams = self.grams(n)
+        if not grams:
+            return 0
+        gram, count = Counter(grams).most_common(1)[0]
+        return (sum(map(len, gram)) + n - 1) * count
+
+    def duplicated(self, n: int) -> int:
+        if self.unique_from is not None and n >= self.unique_from:
+            return 0
+        grams = self.grams(n)
+        if len(set(grams)) == len(grams):
+            self.unique_from = n  # no repeated n-gram: no repeated longer one either
+            return 0
+        seen: set[tuple[str, ...]] = set()
+        repeated = idx = 0
+        while idx < len(grams):
+            if grams[idx] in seen:
+                repeated += sum(map(len, grams[idx]))
+                idx += n
+            else:
+                seen.add(grams[idx])
+                idx += 1
+        return repeated
 
 
 def _top_ngram_chars(index: _NgramIndex, n: int) -> int:
@@ -181,11 +223,16 @@ def gopher_repetition(text: str, words: list[str], cfg: GopherRepetitionConfig) 
         return "gopher_repetition.dup_line_frac"
     if cfg.dup_line_char_frac and chars / len(text) > cfg.dup_line_char_frac:
         return "gopher_repetition.dup_line_char_frac"
-    index = _NgramIndex(words)
+    if len(words) < _NUMPY_MIN_WORDS:
+        plain = _PlainNgrams(words)
+        top, duplicated = plain.top, plain.duplicated
+    else:
+        index = _NgramIndex(words)
+        top, duplicated = partial(_top_ngram_chars, index), partial(_duplicated_ngram_chars, index)
     for n, frac in sorted(cfg.top_n_grams.items()):
-        if frac and _top_ngram_chars(index, n) / len(text) > frac:
+        if frac and top(n) / len(text) > frac:
             return f"gopher_repetition.top_{n}_gram"
     for n, frac in sorted(cfg.dup_n_grams.items()):
-        if frac and _duplicated_ngram_chars(index, n) / len(text) > frac:
+        if frac and duplicated(n) / len(text) > frac:
             return f"gopher_repetition.dup_{n}_gram"
     return None
