@@ -106,11 +106,24 @@ def _read_zstd_lines(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-def _clean_document(doc: Document, cfg: CleanConfig, chain: FilterChain, fallbacks: dict[str, int]) -> str | None:
-    """Extract (HTML), normalise and filter ``doc`` in place; return the drop reason or None."""
-    if doc.html is not None:
+def _extract(doc: Document, cfg: CleanConfig, fallbacks: dict[str, int]) -> ReadError | None:
+    """Replace ``doc.html`` by its main text; a page past the limits becomes a counted error."""
+    if doc.html is None:
+        return None
+    try:
         doc.text = extract_html(doc.html, cfg.extract, fallbacks)
+    except (ExtractTimeout, ExtractTooLarge) as exc:
+        kind = "extract_timeout" if isinstance(exc, ExtractTimeout) else "extract_too_large"
+        return ReadError(kind, doc.file, doc.offset, str(exc), doc.source)
+    except Exception as exc:  # noqa: BLE001 - a parser failing on hostile HTML is bad input, not a bug
+        return ReadError("extract_failed", doc.file, doc.offset, f"{type(exc).__name__}: {exc}", doc.source)
+    finally:
         doc.html = None
+    return None
+
+
+def _clean_document(doc: Document, cfg: CleanConfig, chain: FilterChain) -> str | None:
+    """Normalise and filter ``doc`` in place; return the drop reason or None."""
     doc.text = normalize_text(doc.text, cfg.normalize)
     if len(doc.text) < max(cfg.output.min_chars, 1):
         return "empty.too_short"
@@ -166,18 +179,14 @@ def process_input(task: tuple[str, InputFile, str, bool]) -> dict[str, Any]:
 def _process_document(doc: Document, cfg: CleanConfig, chain: FilterChain, hasher: MinHasher,
                       stats: Stats, fallbacks: dict[str, int], strict: bool, docs: _ZstdLines,
                       rejected: _ZstdLines | None, exact: list, sigs: list) -> None:
-    chars_in = len(doc.text) if doc.html is None else len(doc.html)
-    stats.read(doc.source, chars_in)
-    try:
-        reason = _clean_document(doc, cfg, chain, fallbacks)
-    except (ExtractTimeout, ExtractTooLarge, ValueError, RuntimeError) as exc:
-        kind = {ExtractTimeout: "extract_timeout", ExtractTooLarge: "extract_too_large"}.get(type(exc), "extract_failed")
-        err = ReadError(kind, doc.file, doc.offset, f"{type(exc).__name__}: {exc}", doc.source)
+    err = _extract(doc, cfg, fallbacks)
+    if err is not None:
         if strict:
-            raise DataError(f"{kind} in source {doc.source!r}: {err.where()}: {exc} (strict=true)") from None
+            raise DataError(f"{err.kind} in source {err.source!r}: {err.where()}: {err.message} (strict=true)")
         stats.error(err)
-        stats.source(doc.source).read -= 1  # stats.error counted the read again
         return
+    stats.read(doc.source, len(doc.text))
+    reason = _clean_document(doc, cfg, chain)
     if doc.language:
         stats.language(doc.language, "detected")
     if reason is not None:

@@ -1,0 +1,80 @@
+"""Pieces of the cleaning stage: extraction limits, executors, the report, config rules."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from crucible.config import load_config
+from crucible.errors import ConfigError
+from data_pipeline.clean import _extract
+from data_pipeline.config import CleanConfig, DataPrepConfig, ExtractConfig
+from data_pipeline.documents import Document
+from data_pipeline.executor import InlineExecutor, LocalExecutor, build_executor
+from data_pipeline.extract import ExtractTimeout, ExtractTooLarge, extract_html, time_limit
+from data_pipeline.report import funnel, summary_table
+
+PAGE = (b"<html><head><title>t</title><script>var x = 1;</script></head><body>"
+        b"<nav><a href='/'>Home</a> | <a href='/about'>About</a></nav>"
+        b"<article><h1>A headline</h1><p>The first paragraph of the article has real sentences in it.</p>"
+        b"<p>The second paragraph continues the story with more words.</p></article>"
+        b"<footer>Copyright 2024</footer></body></html>")
+
+
+@pytest.mark.parametrize("extractor", ["resiliparse", "trafilatura"])
+def test_extractors_keep_the_article(extractor):
+    text = extract_html(PAGE, ExtractConfig(extractor=extractor))
+    assert "first paragraph of the article" in text and "second paragraph" in text
+    assert "var x" not in text
+
+
+def test_oversized_html_is_not_parsed():
+    with pytest.raises(ExtractTooLarge, match="max_html_bytes"):
+        extract_html(b"<p>" + b"x" * 2000 + b"</p>", ExtractConfig(max_html_bytes=1000))
+    doc = Document("d", "", "web", html=b"<p>" + b"x" * 2000, file="f.warc", offset=7)
+    err = _extract(doc, CleanConfig(extract=ExtractConfig(max_html_bytes=1000)), {})
+    assert (err.kind, err.file, err.offset) == ("extract_too_large", "f.warc", 7) and doc.html is None
+
+
+def test_time_limit_interrupts_a_hanging_extractor():
+    start = time.monotonic()
+    with pytest.raises(ExtractTimeout):
+        with time_limit(0.2):
+            while True:
+                pass
+    assert time.monotonic() - start < 2
+
+
+def test_executors_and_ray_placeholder():
+    assert isinstance(build_executor("local", 1), InlineExecutor)
+    assert isinstance(build_executor("local", 2), LocalExecutor)
+    assert sorted(LocalExecutor(2).map_unordered(abs, [-3, -1, -2])) == [1, 2, 3]
+    with pytest.raises(ConfigError, match="ray"):
+        build_executor("ray", 2)
+
+
+def test_config_rules(tmp_path):
+    with pytest.raises(ConfigError, match="source names must be unique"):
+        load_config(DataPrepConfig, None, ["data.sources=[{name: a, path: x}, {name: a, path: y}]"])
+    with pytest.raises(ConfigError, match="data.dedup.bands"):
+        load_config(DataPrepConfig, None, ["data.dedup.bands=0"])
+    with pytest.raises(ConfigError, match="data.langid.min_score"):
+        load_config(DataPrepConfig, None, ["data.langid.min_score=1.5"])
+
+
+STATS = {
+    "documents_read": 10, "documents_kept": 4, "dropped": {"c4.too_few_sentences": 2, "dedup.near": 1,
+                                                           "language.not_allowed": 2},
+    "errors": {"malformed_json": 1}, "chars_in": 100, "chars_out": 40,
+    "per_source": {"web": {"read": 10, "kept": 4, "dropped": {"c4.too_few_sentences": 2, "dedup.near": 1,
+                                                               "language.not_allowed": 2},
+                           "errors": {"malformed_json": 1}, "chars_in": 100, "chars_out": 40}},
+}
+
+
+def test_funnel_follows_pipeline_order():
+    assert funnel(STATS["per_source"]["web"]) == [("read", 10), ("error", 9), ("language", 7), ("c4", 5),
+                                                  ("dedup", 4)]
+    table = summary_table(STATS)
+    assert "web" in table and "TOTAL" in table and "40.0%" in table and "malformed_json 1" in table
