@@ -51,13 +51,21 @@ def init_distributed(train: TrainConfig) -> DistContext:
     next collective fail instead of blocking forever. The accelerator must match the device:
     on CPU set ``DS_ACCELERATOR=cpu`` (the tests and the CPU recipe do).
     """
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        # srun started one task per GPU: map Slurm's variables (MASTER_ADDR comes from the
+        # batch script, e.g. the first host of $SLURM_JOB_NODELIST)
+        if "MASTER_ADDR" not in os.environ:
+            raise ConfigError("under srun set MASTER_ADDR (and MASTER_PORT) to the first node of the job")
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+    if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(train, local_rank)
     if device.type == "cpu" and os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         raise ConfigError("training on CPU needs the environment variable DS_ACCELERATOR=cpu")
@@ -65,7 +73,7 @@ def init_distributed(train: TrainConfig) -> DistContext:
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend, timeout=timedelta(seconds=train.collective_timeout_s),
-            auto_mpi_discovery="SLURM_PROCID" in os.environ and "RANK" not in os.environ,
+            auto_mpi_discovery=False,
         )
     else:
         deepspeed.init_distributed(dist_backend=backend)

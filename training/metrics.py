@@ -95,9 +95,12 @@ def model_state_bytes(engine: Any) -> int:
     for state in opt.state.values():
         for v in state.values():
             add(v)
-    for name in ("averaged_gradients", "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat"):
+    for name in ("averaged_gradients", "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat",
+                 "grad_partitions_flat_buffer", "single_partition_of_fp32_groups"):
         obj = getattr(engine.optimizer, name, None)
-        values = obj.values() if isinstance(obj, dict) else (obj or [])
+        if obj is None:
+            continue
+        values = obj.values() if isinstance(obj, dict) else [obj] if isinstance(obj, torch.Tensor) else obj
         for item in values:
             for t in item if isinstance(item, (list, tuple)) else [item]:
                 add(t)

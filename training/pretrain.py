@@ -43,6 +43,7 @@ from training.metrics import (
     MetricsWriter,
     device_peak_tflops,
     mfu,
+    model_state_bytes,
     peak_memory_gb,
 )
 from training.optim import lr_at, set_lr
@@ -182,6 +183,7 @@ class Trainer:
         self.flops_per_token = _flops_per_token(self.model_cfg, self.seq_len)
         self.peak_tflops = device_peak_tflops(ctx.device, cfg.train.precision, cfg.log.peak_tflops)
         self._val_warned = False
+        self.model_state_gb: float | None = None
 
     # -------------------------------------------------------------------------- resume / save
     def _restore(self, info: ckpt.CheckpointInfo, universal: bool) -> None:
@@ -306,7 +308,7 @@ class Trainer:
         start = time.perf_counter()
         data_wait = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for _ in range(self.plan.grad_accum_steps):
+        for micro in range(self.plan.grad_accum_steps):
             t0 = time.perf_counter()
             tokens = next(batches)
             data_wait += time.perf_counter() - t0
@@ -316,6 +318,10 @@ class Trainer:
             if self.faults.nan_now(step, self.ctx.rank):
                 loss = loss * float("nan")
             self.engine.backward(loss)
+            if self.model_state_gb is None and micro == self.plan.grad_accum_steps - 1:
+                # weights + gradients + optimizer state held by this rank (ZeRO shards counted),
+                # at the gradient peak: after the last backward, before the optimizer step
+                self.model_state_gb = model_state_bytes(self.engine) / 1024**3
             self.engine.step()
             loss_sum += loss.detach().double().cpu()
         grad_norm = self.engine.get_global_grad_norm()
@@ -407,8 +413,11 @@ class Trainer:
                  self.plan.grad_accum_steps, self.plan.data_parallel_size, self.seq_len, self.state.step)
         saved_at = self.state.step if self.resume_from is not None else -1
         while not self._done():
+            known = self.model_state_gb is not None
             metrics = self.train_step(batches)
             step = self.state.step
+            if not known:
+                metrics["memory/model_state_gb"] = self.model_state_gb
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 metrics.update(self.evaluate() or {})
             self._log_step(metrics)

@@ -1,0 +1,195 @@
+"""Pretraining throughput and memory, side by side with a plain PyTorch + Hugging Face loop.
+
+1. Throughput: ``launcher/pretrain.py`` (1 rank, ZeRO-1, fp32, ``cpu-small``) beside a plain
+   PyTorch loop training ``transformers.LlamaForCausalLM`` of the identical shape on the
+   identical batches (same loader, batch size, sequence length), sdpa attention,
+   ``torch.optim.AdamW(foreach=True)`` with the same hyper-parameters and clipping, and the same
+   number of threads. Both run one after the other in this invocation; tokens/s is the median
+   over the steps after warm-up. MFU = model FLOPs per token x tokens/s / measured fp32 GEMM
+   peak (the trainer's own figure for ours).
+2. Memory: ``launcher/pretrain.py`` with 2 ranks at ZeRO 0/1/2/3: per-rank model-state bytes
+   (weights + gradients + optimizer state actually held, ZeRO shards counted) and peak RSS,
+   beside DeepSpeed's own estimators.
+
+    python bench/pretrain.py                                  # token shards built from data/sample
+    python bench/pretrain.py --manifest /work/shared/data/.../manifest.json --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# This file is bench/pretrain.py: keep its folder off sys.path so ``model`` is the package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+ROOT = Path(_HERE).parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+PRESET = "cpu-small"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_launcher(run_dir: Path, manifest: Path, args: argparse.Namespace, stage: int, ranks: int,
+                 steps: int) -> list[dict]:
+    overrides = [
+        f"run_dir={run_dir}", f"data.manifests=[{manifest}]", f"model.preset={PRESET}",
+        f"train.zero_stage={stage}", f"train.micro_batch_size={args.batch_size}",
+        "train.grad_accum_steps=1", f"train.max_steps={steps}", "checkpoint.every=0",
+        "checkpoint.write_model_dir=false", "train.eval_every=0", "train.eval_batches=1",
+        "log.every=1", "log.tensorboard=false", f"optim.lr={args.lr}", "schedule.warmup_steps=0",
+        "schedule.kind=constant", "train.device=cpu",
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(args.threads),
+               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    bin_dir = Path(sys.executable).parent
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    script = [str(ROOT / "launcher" / "pretrain.py"), "--config", "configs/pretrain/cpu_tiny.yaml", *overrides]
+    if ranks == 1:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), *script]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"launcher failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "train/loss" in r]
+
+
+def hf_llama_loop(manifest: Path, args: argparse.Namespace, steps: int) -> dict[str, float]:
+    """Plain PyTorch loop over LlamaForCausalLM; returns median tokens/s and final loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_pipeline.loader import build_train_loader
+    from data_pipeline.loader_config import LoaderConfig
+    from model.config import ModelConfig, resolve_model_config
+    from model.hf import to_hf_config
+
+    loader = build_train_loader(LoaderConfig(manifests=[str(manifest)]), args.batch_size, 0, 1)
+    cfg = resolve_model_config(ModelConfig(preset=PRESET), vocab_size=loader.vocab_size)
+    hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_config(cfg).items()
+                            if k not in ("architectures", "model_type", "dtype", "rope_theta")})
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(hf_cfg).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    times, loss = [], float("nan")
+    batches = iter(loader)
+    for _ in range(steps):
+        tokens = next(batches)
+        start = time.perf_counter()
+        logits = model(input_ids=tokens[:, :-1]).logits
+        loss_t = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        times.append(time.perf_counter() - start)
+        loss = loss_t.item()
+    step_time = statistics.median(times[args.warmup:])
+    return {"tokens_per_second": args.batch_size * loader.seq_len / step_time, "loss": loss,
+            "seq_len": loader.seq_len}
+
+
+def throughput(manifest: Path, args: argparse.Namespace, work: Path) -> None:
+    from model.config import ModelConfig, resolve_model_config
+    from model.flops import flops_per_token, num_params
+    from training.metrics import measure_cpu_gemm_tflops
+
+    torch.set_num_threads(args.threads)
+    ours = run_launcher(work / "ours", manifest, args, stage=1, ranks=1, steps=args.steps)
+    tps_ours = statistics.median(r["train/tokens_per_second"] for r in ours[args.warmup:])
+    hf = hf_llama_loop(manifest, args, args.steps)
+    vocab = json.loads(Path(manifest).read_text())["tokenizer"]["vocab_size"]
+    cfg = resolve_model_config(ModelConfig(preset=PRESET), vocab_size=vocab)
+    peak = measure_cpu_gemm_tflops() * 1e12
+    # one peak for both, measured here (the trainer's own train/mfu uses its own measurement)
+    mfu_hf = hf["tokens_per_second"] * flops_per_token(cfg, hf["seq_len"]) / peak
+    mfu_ours = tps_ours * flops_per_token(cfg, hf["seq_len"]) / peak
+    print(f"\n== throughput: {PRESET} ({num_params(cfg) / 1e6:.1f}M params), batch {args.batch_size} x "
+          f"{hf['seq_len']} tokens, fp32, {args.threads} thread(s), median of steps {args.warmup + 1}-{args.steps}")
+    print(f"{'':28s} {'tokens/s':>10s} {'MFU':>7s} {'final loss':>11s}")
+    print(f"{'launcher/pretrain.py ZeRO-1':28s} {tps_ours:10.0f} {mfu_ours:7.1%} {ours[-1]['train/loss']:11.4f}")
+    print(f"{'plain loop + HF Llama':28s} {hf['tokens_per_second']:10.0f} {mfu_hf:7.1%} {hf['loss']:11.4f}")
+    print(f"ratio ours / HF plain loop: {tps_ours / hf['tokens_per_second']:.2f}x (target >= 1.15x)")
+
+
+def memory(manifest: Path, args: argparse.Namespace, work: Path) -> None:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from model.config import ModelConfig, resolve_model_config
+    from model.flops import num_params
+
+    vocab = json.loads(Path(manifest).read_text())["tokenizer"]["vocab_size"]
+    cfg = resolve_model_config(ModelConfig(preset=PRESET), vocab_size=vocab)
+    total = num_params(cfg)
+    largest = cfg.vocab_size * cfg.dim
+    mib = 1024**2
+    print(f"\n== per-rank memory, 2 ranks, {PRESET} ({total / 1e6:.2f}M params), fp32")
+    print(f"{'stage':6s} {'model state (measured)':>23s} {'peak RSS':>10s} {'DeepSpeed estimate*':>20s}")
+    measured = {}
+    for stage in (0, 1, 2, 3):
+        recs = run_launcher(work / f"mem{stage}", manifest, args, stage=stage, ranks=2, steps=3)
+        state_mib = recs[0]["memory/model_state_gb"] * 1024
+        rss_mib = max(r["train/memory_gb"] for r in recs) * 1024
+        if stage == 3:
+            _, est, _ = estimate_zero3_model_states_mem_needs(total, largest, 2, 1, cpu_offload=False,
+                                                               cpu_offload_params=False)
+        elif stage in (1, 2):
+            _, est = estimate_zero2_model_states_mem_needs(total, 2, 1, cpu_offload=False)
+        else:
+            est = total * 18
+        measured[stage] = state_mib
+        print(f"{stage:<6d} {state_mib:20.1f} MiB {rss_mib:6.0f} MiB {est / mib:16.1f} MiB")
+    print("* DeepSpeed's estimators assume 16-bit weights + fp32 master (18 B/param unpartitioned);"
+          " fp32 training holds 16 B/param. ZeRO-1/2 share one estimator.")
+    print(f"ratio ZeRO-3 / ZeRO-0 model state per rank: {measured[3] / measured[0]:.2f}x (target <= 0.7x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="token-shard manifest.json (default: build one from data/sample, seq_len 256)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
+    manifest = args.manifest
+    if manifest is None:
+        from tests.datasets import make_token_dataset
+
+        manifest = make_token_dataset(ROOT / "runs" / "bench-tokens-256", seq_len=256)
+    if not args.skip_throughput:
+        throughput(manifest, args, work)
+    if not args.skip_memory:
+        memory(manifest, args, work)
+
+
+if __name__ == "__main__":
+    main()
