@@ -72,7 +72,7 @@ class LangIdConfig(Section):
     """Allowed ISO 639-1 codes; empty allows every language (still detected and counted)."""
     min_score: float = Field(default=0.65, ge=0.0, le=1.0)
     """Minimum normalised probability of the detected language."""
-    max_chars: int = Field(default=10_000, gt=0)
+    max_chars: int = Field(default=3_000, gt=0)
     """Only the first max_chars characters are classified (speed)."""
 
 

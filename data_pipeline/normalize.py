@@ -9,11 +9,13 @@ import re
 import unicodedata
 
 import ftfy
+from ftfy.badness import is_bad
 
 from data_pipeline.config import NormalizeConfig
 
 # Control (Cc) and format (Cf) characters except \t and \n; \r is handled as a line break.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufff9-\ufffb]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SPACES = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
@@ -28,8 +30,10 @@ _FTFY_ENCODING_ONLY = ftfy.TextFixerConfig(
 
 def normalize_text(text: str, cfg: NormalizeConfig) -> str:
     """Normalised ``text`` according to ``cfg`` (see the module docstring)."""
-    if cfg.fix_encoding:
+    if cfg.fix_encoding and (is_bad(text) or _SURROGATE.search(text)):
+        # ftfy only changes text its badness heuristic flags; checking first skips most documents
         text = ftfy.fix_text(text, _FTFY_ENCODING_ONLY)
+    text = _SURROGATE.sub("\ufffd", text)  # lone surrogates (e.g. from JSON escapes) cannot be written
     if cfg.unicode_form != "none":
         text = unicodedata.normalize(cfg.unicode_form, text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")

@@ -207,6 +207,8 @@ def test_normalisation():
     assert normalize_text("a\x07b\u200b  c \r\nline\n\n\n\nnext", cfg) == "ab c\nline\n\nnext"
     assert normalize_text("\ufb01", NormalizeConfig(unicode_form="NFKC")) == "fi"
     assert normalize_text("\ufb01", cfg) == "\ufb01"
+    assert normalize_text("lone \ud800 surrogate", cfg) == "lone \ufffd surrogate"
+    assert normalize_text("lone \ud800", NormalizeConfig(fix_encoding=False)).encode("utf-8")
 
 
 def _reference_duplicated(words: list[str], n: int) -> int:
