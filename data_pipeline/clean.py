@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import yaml
 import zstandard
 
 from crucible.config import config_to_dict
@@ -277,6 +278,14 @@ def _fingerprint(cfg: DataPrepConfig, inputs: list[InputFile]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def _check_same_run(out: Path, cfg: DataPrepConfig) -> None:
+    """A finished output may only be reused by a run with the same input and data config."""
+    saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    if saved.get("input") != cfg.input or saved.get("data") != config_to_dict(cfg.data):
+        raise ConfigError(f"{out} already holds a finished cleaning run with a different input or data "
+                          "config; delete it or choose another output=")
+
+
 def _prepare_work_dir(out: Path, fingerprint: str) -> Path:
     work = out / WORK
     marker = work / "fingerprint"
@@ -308,11 +317,12 @@ def run_clean(cfg: DataPrepConfig) -> dict[str, Any]:
         raise ConfigError("output: required (output=<folder for the clean shards>)")
     out = Path(cfg.output)
     if is_complete(out):
+        _check_same_run(out, cfg)
         log.info("%s is already complete; nothing to do", out)
         return json.loads((out / "stats.json").read_text(encoding="utf-8"))
     inputs, skipped = expand_inputs(cfg.data, cfg.input)
-    for path in skipped:
-        log.warning("skipping %s: unrecognised extension (set data.sources[].format to read it)", path)
+    for name in skipped:
+        log.warning("skipping %s: unrecognised extension (set data.sources[].format to read it)", name)
     work = _prepare_work_dir(out, _fingerprint(cfg, inputs))
     resumed = run_inputs(cfg, inputs, work)
     stats = Stats()

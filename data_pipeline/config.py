@@ -193,6 +193,8 @@ class CleanConfig(Section):
     """Named sources; when empty, the top-level input is one source named default_source."""
     default_source: str = "web"
     """Source label of the top-level input when no sources are listed."""
+    default_format: InputFormat = "auto"
+    """Format of the top-level input when no sources are listed (auto: by extension)."""
     max_doc_bytes: int = Field(default=10 * 2**20, gt=0)
     """Longer records (e.g. a 50 MB single line) are skipped as error document_too_large."""
     extract: ExtractConfig = Field(default_factory=ExtractConfig)

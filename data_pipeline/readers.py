@@ -74,7 +74,7 @@ def _resolve(base: str | None, path: str) -> str:
 
 
 def list_source_files(source: SourceConfig, base: str | None) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """(path, name, format) of every readable file of a source, sorted; plus skipped paths."""
+    """(path, name, format) of every readable file of a source, sorted; plus ``source:name`` of skipped files."""
     root = _resolve(base, source.path)
     if Path(root).is_dir():
         candidates = sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
@@ -91,9 +91,13 @@ def list_source_files(source: SourceConfig, base: str | None) -> tuple[list[tupl
     for path in candidates:
         fmt = source.format if source.format != "auto" else detect_format(path)
         if fmt is None:
-            skipped.append(path)
+            skipped.append(f"{source.name}:{Path(path).relative_to(rel_to)}")
             continue
         found.append((path, str(Path(path).relative_to(rel_to)), fmt))
+    if not found:
+        raise DataError(f"source {source.name!r}: none of the {len(skipped)} files at {root} has a recognised "
+                        f"extension (e.g. {skipped[0].split(':', 1)[1]}); set the source's format "
+                        "(data.sources[].format or data.default_format)")
     return found, skipped
 
 
@@ -108,7 +112,8 @@ def _glob_base(pattern: str) -> str:
 
 def expand_inputs(cfg: CleanConfig, input_path: str | None) -> tuple[list[InputFile], list[str]]:
     """Every input file of a run in its fixed order (sources in config order, files sorted)."""
-    sources = cfg.sources or [SourceConfig(name=cfg.default_source, path=input_path or "")]
+    sources = cfg.sources or [SourceConfig(name=cfg.default_source, path=input_path or "",
+                                           format=cfg.default_format)]
     if not cfg.sources and not input_path:
         raise DataError("no input: set input=<file, folder or glob> or list data.sources")
     files: list[InputFile] = []

@@ -198,3 +198,10 @@ def test_launcher_and_report(reference, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launcher/clean.py"), f"input={tmp_path}/none",
                            f"output={tmp_path}/o"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no input files" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_finished_output_with_other_config_is_refused(reference):
+    out, _ = reference
+    cfg = load_config(DataPrepConfig, out / "config.yaml", ["data.dedup.seed=7"])
+    with pytest.raises(ConfigError, match="different input or data config"):
+        run_clean(cfg)
