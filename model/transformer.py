@@ -93,20 +93,35 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = Non
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape ``positions.shape + (head_dim,)``, halves repeated."""
+    """cos/sin tables of shape ``positions.shape + (head_dim,)``, halves repeated (as Hugging
+    Face's ``LlamaRotaryEmbedding``)."""
     freqs = positions[..., None].float() * inv_freq  # (..., T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, so that ``rotate_half(x) * sin`` becomes
+    ``swap_halves(x) * signed_sin(sin)``: the same products (negation is exact)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotation: (x1, x2) -> (-x2, x1) on the halves of the last dim."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, D) by position: pairs (i, i + D/2) as one complex number."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate ``x`` (B, H, T, D) by position: pairs (i, i + D/2) as one complex number.
+    Equals ``x * cos + rotate_half(x) * sin`` bit for bit; ``sin`` must be :func:`signed_sin`'s.
+
+    Swapping the halves with one ``flip`` of a (2, D/2) view avoids the slices and the
+    concatenation of ``rotate_half``, whose backward fills and copies zero tensors.
+    """
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return x * cos + swapped * sin
 
 
 @dataclass
@@ -256,6 +271,7 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device)
         inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=tokens.device)
         cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)  # (T, D) or (B, T, D)
+        sin = signed_sin(sin)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
         for i, layer in enumerate(self.layers):

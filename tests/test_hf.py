@@ -120,15 +120,17 @@ def test_rope_uses_hf_rotate_half_layout():
     """Our rotation pairs dims (i, i + D/2), so q/k rows need no permutation on conversion."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from model.transformer import apply_rope, rope_cos_sin, rope_inv_freq
+    from model.transformer import apply_rope, rope_cos_sin, rope_inv_freq, rotate_half, signed_sin
 
     q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16)
     positions = torch.arange(10)
     cos, sin = rope_cos_sin(rope_inv_freq(16, 777.0), positions, torch.float32)
     hq, hk = apply_rotary_pos_emb(q, k, cos[None], sin[None])
-    assert torch.equal(apply_rope(q, cos, sin), hq) and torch.equal(apply_rope(k, cos, sin), hk)
+    ssin = signed_sin(sin)
+    assert torch.equal(apply_rope(q, cos, ssin), hq) and torch.equal(apply_rope(k, cos, ssin), hk)
+    assert torch.equal(q * cos + rotate_half(q) * sin, hq)
     # An interleaved (Meta-style) rotation of the same q would differ.
-    assert not torch.allclose(apply_rope(q[..., torch.arange(16).view(2, 8).t().flatten()], cos, sin), hq)
+    assert not torch.allclose(apply_rope(q[..., torch.arange(16).view(2, 8).t().flatten()], cos, ssin), hq)
 
 
 def test_sharded_export_loads(tmp_path, tokenizer_dir):
