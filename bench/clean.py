@@ -19,9 +19,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from data_pipeline.config import (C4Config, CleanConfig, ExtractConfig, FineWebConfig,
-                                  GopherQualityConfig, GopherRepetitionConfig, NormalizeConfig,
-                                  SourceConfig)
+from data_pipeline.config import (
+    C4Config,
+    CleanConfig,
+    ExtractConfig,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    NormalizeConfig,
+    SourceConfig,
+)
 from data_pipeline.documents import Document, ReadError
 from data_pipeline.extract import extract_html
 from data_pipeline.filters.c4 import c4_filter
@@ -84,8 +91,12 @@ def run_ours(texts: list[str]) -> tuple[dict[str, list[str | None]], float]:
 
 def run_datatrove(texts: list[str]) -> tuple[dict[str, list[str | None]], float]:
     from datatrove.data import Document as DTDocument
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter,
-                                            GopherQualityFilter, GopherRepetitionFilter)
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
 
     filters = {"gopher_repetition": GopherRepetitionFilter(), "gopher_quality": GopherQualityFilter(),
                "c4": C4QualityFilter(), "fineweb": FineWebQualityFilter()}

@@ -22,9 +22,10 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import yaml
@@ -88,7 +89,7 @@ class _ZstdLines:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp")
-        self.file = open(self.tmp, "wb")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
         self.writer = zstandard.ZstdCompressor(level=3).stream_writer(self.file, closefd=False)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from data_pipeline.config import ExtractConfig
 from data_pipeline.readers import decode_text
@@ -34,7 +34,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         yield
         return
 
-    def _raise(signum, frame):  # noqa: ARG001
+    def _raise(signum, frame):
         raise ExtractTimeout(f"extraction took longer than {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, _raise)

@@ -18,9 +18,10 @@ import gzip
 import io
 import json
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 from crucible.errors import DataError
 from data_pipeline.config import CleanConfig, SourceConfig
@@ -165,7 +166,7 @@ class _ZstdRaw(io.RawIOBase):
         import zstandard
 
         self._zstd = zstandard
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
         self._obj = zstandard.ZstdDecompressor().decompressobj()
         self._pending = b""
         self._in_frame = False
@@ -378,7 +379,7 @@ class Reader:
         import pyarrow.parquet as pq
         try:
             pf = pq.ParquetFile(self.inp.path)
-        except Exception as exc:  # pyarrow raises its own ArrowInvalid/OSError kinds
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds on a corrupt file
             yield self.error("corrupt_input", 0, f"not a readable parquet file: {exc}")
             return
         row = 0
@@ -445,7 +446,7 @@ class Reader:
                 continue
             try:
                 payload = record.reader.read()
-            except Exception as exc:  # FastWARC raises plain exceptions on corrupt payloads
+            except Exception as exc:  # noqa: BLE001 - FastWARC raises plain exceptions on corrupt payloads
                 yield self.error("malformed_warc", offset, f"record at byte {offset}: {exc}")
                 continue
             if is_wet:

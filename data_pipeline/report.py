@@ -33,8 +33,8 @@ def funnel(source_stats: dict[str, Any]) -> list[tuple[str, int]]:
     remaining = source_stats["read"]
     steps = [("read", remaining)]
     removed_by_stage: dict[str, int] = {}
-    for kind, n in source_stats["errors"].items():
-        removed_by_stage["error"] = removed_by_stage.get("error", 0) + n
+    if source_stats["errors"]:
+        removed_by_stage["error"] = sum(source_stats["errors"].values())
     for reason, n in source_stats["dropped"].items():
         stage = reason.split(".", 1)[0]
         removed_by_stage[stage] = removed_by_stage.get(stage, 0) + n

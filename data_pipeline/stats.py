@@ -33,11 +33,11 @@ class SourceStats:
                 "chars_out": self.chars_out}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SourceStats":
+    def from_dict(cls, d: dict[str, Any]) -> SourceStats:
         return cls(d["read"], d["kept"], Counter(d["dropped"]), Counter(d["errors"]),
                    d["chars_in"], d["chars_out"])
 
-    def merge(self, other: "SourceStats") -> None:
+    def merge(self, other: SourceStats) -> None:
         self.read += other.read
         self.kept += other.kept
         self.dropped.update(other.dropped)
@@ -91,7 +91,7 @@ class Stats:
     def language(self, lang: str, what: str) -> None:
         self.languages.setdefault(lang, Counter())[what] += 1
 
-    def merge(self, other: "Stats") -> None:
+    def merge(self, other: Stats) -> None:
         for name, s in other.sources.items():
             self.source(name).merge(s)
         for lang, c in other.languages.items():
@@ -122,7 +122,7 @@ class Stats:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Stats":
+    def from_dict(cls, d: dict[str, Any]) -> Stats:
         return cls(
             sources={k: SourceStats.from_dict(v) for k, v in d["per_source"].items()},
             languages={k: Counter(v) for k, v in d["per_language"].items()},

@@ -12,7 +12,7 @@ from crucible.runtime import setup_logging
 from data_pipeline.config import DataPrepConfig
 
 
-def run(cfg: DataPrepConfig, args) -> int:  # noqa: ARG001
+def run(cfg: DataPrepConfig, args) -> int:
     setup_logging()
     from data_pipeline.clean import run_clean
     from data_pipeline.report import summary_table

@@ -31,7 +31,8 @@ def jaccard(a: list[str], b: list[str], k: int = 5) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
-def run_dedup(tmp_path, texts_per_input: list[list[str]], cfg: DedupConfig = DedupConfig()) -> dict[int, str]:
+def run_dedup(tmp_path, texts_per_input: list[list[str]], cfg: DedupConfig | None = None) -> dict[int, str]:
+    cfg = cfg or DedupConfig()
     hasher = MinHasher(cfg)
     exact_files, sig_files = [], []
     for i, texts in enumerate(texts_per_input):

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.config import (C4Config, CleanConfig, FineWebConfig, GopherQualityConfig,
-                                  GopherRepetitionConfig, LangIdConfig, NormalizeConfig, PiiConfig,
-                                  UrlFilterConfig)
+from data_pipeline.config import (
+    C4Config,
+    CleanConfig,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    LangIdConfig,
+    NormalizeConfig,
+    PiiConfig,
+    UrlFilterConfig,
+)
 from data_pipeline.documents import Document
 from data_pipeline.filters import FilterChain
 from data_pipeline.filters.c4 import c4_filter
@@ -239,8 +247,12 @@ def _reference_top(words: list[str], n: int) -> int:
 def test_fast_ngram_counts_equal_the_plain_walk(seed):
     import random
 
-    from data_pipeline.filters.gopher import (_duplicated_ngram_chars, _NgramIndex, _PlainNgrams,
-                                              _top_ngram_chars)
+    from data_pipeline.filters.gopher import (
+        _duplicated_ngram_chars,
+        _NgramIndex,
+        _PlainNgrams,
+        _top_ngram_chars,
+    )
 
     rng = random.Random(seed)
     vocab = ["a", "bb", "ccc", "dd", "e", "fff"][: rng.randint(1, 6)]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,13 @@ import zstandard
 from crucible.errors import DataError
 from data_pipeline.config import CleanConfig, SourceConfig
 from data_pipeline.documents import Document, ReadError
-from data_pipeline.readers import decode_text, detect_format, expand_inputs, read_input, source_config
+from data_pipeline.readers import (
+    decode_text,
+    detect_format,
+    expand_inputs,
+    read_input,
+    source_config,
+)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 JSONL = [{"id": f"d{i}", "text": f"document number {i}", "url": f"http://x.org/{i}"} for i in range(5)]

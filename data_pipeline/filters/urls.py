@@ -16,7 +16,7 @@ class UrlBlocklist:
         self.urls = urls
 
     @classmethod
-    def from_file(cls, path: str) -> "UrlBlocklist":
+    def from_file(cls, path: str) -> UrlBlocklist:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"data.urls.blocklist_file: {path} does not exist")
