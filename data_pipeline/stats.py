@@ -15,7 +15,7 @@ from typing import Any
 
 from data_pipeline.documents import ReadError
 
-MAX_ERROR_EXAMPLES = 100
+MAX_EXAMPLES_PER_KIND = 20
 
 
 @dataclass
@@ -69,9 +69,12 @@ class Stats:
         s = self.source(err.source)
         s.read += 1
         s.errors[err.kind] += 1
-        if len(self.error_examples) < MAX_ERROR_EXAMPLES:
-            self.error_examples.append({"kind": err.kind, "file": err.file, "offset": err.offset,
-                                        "message": err.message[:300]})
+        self._example({"kind": err.kind, "file": err.file, "offset": err.offset, "message": err.message[:300]})
+
+    def _example(self, example: dict[str, Any]) -> None:
+        """Keep the first few errors of every kind (file and offset), so rare kinds are not crowded out."""
+        if sum(e["kind"] == example["kind"] for e in self.error_examples) < MAX_EXAMPLES_PER_KIND:
+            self.error_examples.append(example)
 
     def drop(self, source: str, reason: str) -> None:
         self.source(source).dropped[reason] += 1
@@ -97,8 +100,8 @@ class Stats:
         for lang, c in other.languages.items():
             self.languages.setdefault(lang, Counter()).update(c)
         self.fallbacks.update(other.fallbacks)
-        room = MAX_ERROR_EXAMPLES - len(self.error_examples)
-        self.error_examples.extend(other.error_examples[:max(room, 0)])
+        for example in other.error_examples:
+            self._example(example)
 
     def total(self) -> SourceStats:
         t = SourceStats()

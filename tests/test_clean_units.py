@@ -77,3 +77,26 @@ def test_funnel_follows_pipeline_order():
                                                   ("dedup", 4)]
     table = summary_table(STATS)
     assert "web" in table and "TOTAL" in table and "40.0%" in table and "malformed_json 1" in table
+
+
+def test_stats_accounting_and_error_examples():
+    from data_pipeline.documents import ReadError
+    from data_pipeline.stats import Stats, check_invariant
+
+    a, b = Stats(), Stats()
+    for i in range(30):
+        a.error(ReadError("malformed_json", "f.jsonl", i, "bad", "web"))
+    b.error(ReadError("truncated_input", "g.jsonl.gz", 9, "cut", "web"))
+    b.read("news", 10)
+    b.keep("news", 8)
+    b.read("news", 5)
+    b.drop("news", "c4.too_few_sentences")
+    a.merge(b)
+    d = a.to_dict()
+    check_invariant(d)
+    assert d["documents_read"] == 33 and d["errors"] == {"malformed_json": 30, "truncated_input": 1}
+    kinds = [e["kind"] for e in d["error_examples"]]
+    assert kinds.count("malformed_json") == 20 and kinds.count("truncated_input") == 1
+    a.source("news").kept += 1  # a document counted twice must be caught
+    with pytest.raises(RuntimeError, match="accounting broken"):
+        check_invariant(a.to_dict())
