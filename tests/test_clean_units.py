@@ -100,3 +100,18 @@ def test_stats_accounting_and_error_examples():
     a.source("news").kept += 1  # a document counted twice must be caught
     with pytest.raises(RuntimeError, match="accounting broken"):
         check_invariant(a.to_dict())
+
+
+def test_document_chain_keeps_prose_and_redacts_pii(sample_dir):
+    from data_pipeline.clean import _clean_document
+    from data_pipeline.filters import FilterChain
+
+    cfg = CleanConfig()
+    chain = FilterChain(cfg)
+    article = (sample_dir / "news/lee_abc/lee_background.cor").read_text().splitlines()[0]
+    doc = Document("a", article + " Write to press@abc.net.au for details.", "news")
+    assert _clean_document(doc, cfg, chain) is None
+    assert doc.language == "en" and "press@abc.net.au" not in doc.text and "email@example.com" in doc.text
+    assert _clean_document(Document("b", " \n\t ", "news"), cfg, chain) == "empty.too_short"
+    short = CleanConfig(output={"min_chars": 10})
+    assert _clean_document(Document("c", "123456789", "news"), short, chain) == "empty.too_short"
