@@ -66,21 +66,25 @@ class _InputWork:
         stem = work / f"{index:06d}"
         self.docs = stem.with_suffix(".docs.jsonl.zst")
         self.rejected = stem.with_suffix(".rejected.jsonl.zst")
-        self.exact = stem.with_suffix(".exact.npy")
-        self.sig = stem.with_suffix(".sig.npy")
+        self.exact = stem.with_suffix(".exact.u64")
+        self.sig = stem.with_suffix(".sig.u32")
         self.done = stem.with_suffix(".done.json")
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+class _RawRows:
+    """Appends fixed-width rows (exact hashes, signatures) to a raw binary file; memory stays flat."""
 
+    def __init__(self, path: Path, dtype: type) -> None:
+        self.path, self.dtype = path, dtype
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    _atomic_bytes(path, buf.getvalue())
+    def append(self, row) -> None:
+        self.file.write(np.asarray(row, dtype=self.dtype).tobytes())
+
+    def close(self) -> None:
+        self.file.close()
+        self.tmp.replace(self.path)
 
 
 class _ZstdLines:
@@ -154,8 +158,8 @@ def process_input(task: tuple[str, InputFile, str, bool]) -> dict[str, Any]:
     reader = read_input(inp, source_config(cfg, inp.source), cfg.max_doc_bytes)
     docs = _ZstdLines(paths.docs)
     rejected = _ZstdLines(paths.rejected) if cfg.output.write_rejected else None
-    exact: list[tuple[int, int]] = []
-    sigs: list[np.ndarray] = []
+    exact = _RawRows(paths.exact, np.uint64)
+    sigs = _RawRows(paths.sig, np.uint32)
     try:
         for rec in reader:
             if isinstance(rec, ReadError):
@@ -166,13 +170,10 @@ def process_input(task: tuple[str, InputFile, str, bool]) -> dict[str, Any]:
                 continue
             _process_document(rec, cfg, chain, hasher, stats, reader.fallbacks, strict, docs, rejected, exact, sigs)
     finally:
-        docs.close()
-        if rejected is not None:
-            rejected.close()
+        for sink in (docs, rejected, exact, sigs):
+            if sink is not None:
+                sink.close()
     stats.fallbacks.update(reader.fallbacks)
-    _atomic_npy(paths.exact, np.array(exact, dtype=np.uint64).reshape(-1, 2))
-    n_hashes = cfg.dedup.bands * cfg.dedup.rows
-    _atomic_npy(paths.sig, np.stack(sigs) if sigs else np.zeros((0, n_hashes), np.uint32))
     result = {"index": inp.index, "stats": stats.to_dict()}
     atomic_write_text(paths.done, json.dumps(result, sort_keys=True))
     return result
@@ -180,7 +181,7 @@ def process_input(task: tuple[str, InputFile, str, bool]) -> dict[str, Any]:
 
 def _process_document(doc: Document, cfg: CleanConfig, chain: FilterChain, hasher: MinHasher,
                       stats: Stats, fallbacks: dict[str, int], strict: bool, docs: _ZstdLines,
-                      rejected: _ZstdLines | None, exact: list, sigs: list) -> None:
+                      rejected: _ZstdLines | None, exact: _RawRows, sigs: _RawRows) -> None:
     err = _extract(doc, cfg, fallbacks)
     if err is not None:
         if strict:

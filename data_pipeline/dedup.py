@@ -3,14 +3,14 @@
 Workers compute, per kept document, a 128-bit hash of its normalised text (lower case,
 whitespace collapsed) and a MinHash signature over word shingles (``shingle_size`` words;
 ``bands x rows`` seeded permutations of a 32-bit shingle hash). They are stored per input as
-``.npy`` arrays. :func:`find_duplicates` then walks the run in its fixed global order: an exact
+raw row files. :func:`find_duplicates` then walks the run in its fixed global order: an exact
 duplicate of an earlier document is dropped (``dedup.exact``); among the rest, documents that
 share all ``rows`` values of any band are joined into clusters (union-find) and every member
 but the first in run order is dropped (``dedup.near``). Like FineWeb, candidate pairs are not
 re-verified by Jaccard similarity.
 
 Memory: the band pass holds one band of all signatures (``4 * rows`` bytes per document, read
-from the memory-mapped per-input arrays) plus 8 bytes per document for the cluster roots;
+from the memory-mapped per-input files) plus 8 bytes per document for the cluster roots;
 16 bytes per document for the exact hashes.
 """
 
@@ -71,14 +71,23 @@ def _find(parent: np.ndarray, i: int) -> int:
     return root
 
 
+def load_rows(path: Path, dtype: type, width: int) -> np.ndarray:
+    """Memory-map a raw file of fixed-width rows written by the cleaning workers."""
+    if Path(path).stat().st_size == 0:
+        return np.zeros((0, width), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r").reshape(-1, width)
+
+
 def find_duplicates(exact_files: list[Path], sig_files: list[Path], cfg: DedupConfig) -> dict[int, str]:
     """Global document index -> ``dedup.exact`` / ``dedup.near`` for every document to drop.
 
-    Indices count the kept documents of all inputs in run order (files in the given order).
+    ``exact_files`` hold two uint64 per document, ``sig_files`` ``bands * rows`` uint32 per
+    document (raw rows, see :func:`load_rows`). Indices count the documents of all files in
+    the given order.
     """
     dropped: dict[int, str] = {}
     if cfg.exact and exact_files:
-        hashes = np.concatenate([np.load(f).reshape(-1, 2) for f in exact_files]) if exact_files else np.zeros((0, 2), np.uint64)
+        hashes = np.concatenate([load_rows(f, np.uint64, 2) for f in exact_files])
         if len(hashes):
             keys = np.ascontiguousarray(hashes).view(np.dtype((np.void, 16))).ravel()
             _, first = np.unique(keys, return_index=True)
@@ -88,7 +97,7 @@ def find_duplicates(exact_files: list[Path], sig_files: list[Path], cfg: DedupCo
                 dropped[int(i)] = "dedup.exact"
     if not cfg.near or not sig_files:
         return dropped
-    sigs = [np.load(f, mmap_mode="r") for f in sig_files]
+    sigs = [load_rows(f, np.uint32, cfg.bands * cfg.rows) for f in sig_files]
     n = sum(len(s) for s in sigs)
     if n == 0:
         return dropped

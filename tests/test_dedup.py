@@ -36,11 +36,10 @@ def run_dedup(tmp_path, texts_per_input: list[list[str]], cfg: DedupConfig | Non
     hasher = MinHasher(cfg)
     exact_files, sig_files = [], []
     for i, texts in enumerate(texts_per_input):
-        ex = tmp_path / f"{i}.exact.npy"
-        sg = tmp_path / f"{i}.sig.npy"
-        np.save(ex, np.array([exact_hash(t) for t in texts], dtype=np.uint64).reshape(-1, 2))
-        sigs = [hasher.signature(t) for t in texts]
-        np.save(sg, np.stack(sigs) if sigs else np.zeros((0, cfg.bands * cfg.rows), np.uint32))
+        ex = tmp_path / f"{i}.exact.u64"
+        sg = tmp_path / f"{i}.sig.u32"
+        np.array([exact_hash(t) for t in texts], dtype=np.uint64).tofile(ex)
+        np.array([hasher.signature(t) for t in texts], dtype=np.uint32).tofile(sg)
         exact_files.append(ex)
         sig_files.append(sg)
     return find_duplicates(exact_files, sig_files, cfg)
