@@ -112,12 +112,13 @@ def find_duplicates(exact_files: list[Path], sig_files: list[Path], cfg: DedupCo
         _, inverse = np.unique(keys[idx], return_inverse=True)
         first = np.full(inverse.max() + 1 if len(inverse) else 0, n, dtype=np.int64)
         np.minimum.at(first, inverse, idx)
-        for i, f in zip(idx, first[inverse]):
-            if i != f:
-                ri, rf = _find(parent, int(i)), _find(parent, int(f))
-                if ri != rf:
-                    parent[max(ri, rf)] = min(ri, rf)
-    for i in np.flatnonzero(alive):
-        if _find(parent, int(i)) != i:
-            dropped[int(i)] = "dedup.near"
+        group_first = first[inverse]
+        linked = idx != group_first  # only documents sharing this band with an earlier one
+        for i, f in zip(idx[linked].tolist(), group_first[linked].tolist()):
+            ri, rf = _find(parent, i), _find(parent, f)
+            if ri != rf:
+                parent[max(ri, rf)] = min(ri, rf)
+    for i in np.flatnonzero(alive & (parent != np.arange(n))).tolist():
+        if _find(parent, i) != i:
+            dropped[i] = "dedup.near"
     return dropped
