@@ -97,7 +97,7 @@ class _ZstdLines:
         self.writer = zstandard.ZstdCompressor(level=3).stream_writer(self.file, closefd=False)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.writer.write(json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
+        self.writer.write(json.dumps(record, sort_keys=True, default=str).encode("utf-8") + b"\n")
 
     def close(self) -> None:
         self.writer.close()
@@ -230,7 +230,7 @@ class _ShardSink:
         if self.writer is None or self.size >= self.shard_bytes:
             self._open()
         text = record.pop("text").encode("utf-8")
-        meta = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        meta = json.dumps(record, sort_keys=True, default=str).encode("utf-8")
         self.writer.write({"__key__": f"{self.count:010d}", "txt": text, "json": meta})
         self.size += len(text) + len(meta) + 1536  # tar headers and padding, roughly
         self.count += 1
@@ -336,7 +336,7 @@ def run_clean(cfg: DataPrepConfig) -> dict[str, Any]:
     result = stats.to_dict()
     result["inputs"] = {"files": len(inputs), "skipped_files": sorted(skipped), "shards": shards}
     check_invariant(result)
-    atomic_write_text(out / "stats.json", json.dumps(result, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "stats.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     write_provenance(out, cfg)
     atomic_write_text(out / SUCCESS, "")
     shutil.rmtree(work, ignore_errors=True)

@@ -204,3 +204,16 @@ def test_finished_output_with_other_config_is_refused(reference):
     cfg = load_config(DataPrepConfig, out / "config.yaml", ["data.dedup.seed=7"])
     with pytest.raises(ConfigError, match="different input or data config"):
         run_clean(cfg)
+
+
+def test_lone_surrogates_and_odd_metadata_never_crash(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    text = (SAMPLE / "news/lee_abc/lee_background.cor").read_text().splitlines()[0].replace('"', "'")
+    (src / "a.jsonl").write_text(
+        '{"id": "bad\\ud800id", "url": "http://x.org/\\udfff", "text": "' + text + ' \\ud83d The end."}\n')
+    cfg = load_config(DataPrepConfig, None, [f"input={src}", f"output={tmp_path / 'out'}", "workers=1"])
+    stats = run_clean(cfg)
+    assert stats["documents_kept"] == 1, stats["dropped"]
+    [(_, kept_text, meta)] = read_shards(tmp_path / "out")
+    assert meta["id"] == "bad\ud800id" and kept_text.endswith("\ufffd The end.")
