@@ -25,6 +25,10 @@ from data_pipeline.stats import invariant_holds
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
 
+# End-to-end runs of the stage (a few seconds each, the shared reference run ~5 s); the fast
+# unit tests of its parts are in test_clean_units.py, test_filters.py, test_readers.py, test_dedup.py.
+pytestmark = pytest.mark.slow
+
 
 def make_corpus(root: Path, pieces: int = 4) -> Path:
     """Small real inputs in several formats, with cross-file duplicates and bad records."""
@@ -130,7 +134,6 @@ def test_samples_carry_text_and_metadata(reference):
         assert "reason" in json.loads(tar.extractfile(first_json).read())
 
 
-@pytest.mark.slow
 def test_worker_count_and_rerun_determinism(corpus, reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "clean1"
@@ -159,7 +162,6 @@ def test_partial_output_with_other_config_is_refused(corpus, tmp_path):
         run_clean(corpus_config(corpus, out))
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_inputs(tmp_path, reference, corpus, monkeypatch):
     ref_out, _ = reference
     out = tmp_path / "killed"
