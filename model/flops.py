@@ -15,9 +15,9 @@ from model.config import ModelConfig
 
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:
-    attn = cfg.dim * cfg.n_heads * cfg.head_dim * 2  # q rows of wqkv, wo
-    attn += cfg.dim * cfg.kv_heads * cfg.head_dim * 2  # k and v rows of wqkv
-    mlp = 3 * cfg.dim * cfg.hidden_dim  # w_gate_up, w_down
+    attn = cfg.dim * cfg.n_heads * cfg.head_dim * 2  # wq, wo
+    attn += cfg.dim * cfg.kv_heads * cfg.head_dim * 2  # wk, wv
+    mlp = 3 * cfg.dim * cfg.hidden_dim  # w_gate, w_up, w_down
     return attn + mlp
 
 

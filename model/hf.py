@@ -1,9 +1,8 @@
 """Exact conversion to and from Hugging Face ``LlamaForCausalLM`` directories.
 
-Our rotary layout is Hugging Face's (pairs ``(i, i + head_dim/2)``), so conversion renames
-tensors and splits (or concatenates) our fused q/k/v and gate/up matrices by rows: no projection
-row is permuted, no value changes, and a round trip ours -> Hugging Face -> ours is
-bit-identical. Export streams tensors from the model
+Our rotary layout is Hugging Face's (pairs ``(i, i + head_dim/2)``), so conversion is a pure
+renaming of tensors: no projection row is permuted, no value changes, and a round trip
+ours -> Hugging Face -> ours is bit-identical. Export streams tensors from the model
 directory's safetensors into size-bounded shards, so exporting a model larger than host
 memory holds at most one shard (plus one tensor) at a time.
 
@@ -28,15 +27,17 @@ from model.config import ModelConfig
 log = logging.getLogger(__name__)
 
 HF_INDEX_FILE = "model.safetensors.index.json"
-# Our tensor name -> Hugging Face name(s), per layer. A fused matrix of ours is the row-wise
-# concatenation of several Hugging Face matrices, in the order listed.
-_LAYER_NAMES: dict[str, tuple[str, ...]] = {
-    "attn_norm.weight": ("input_layernorm.weight",),
-    "attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "attn.wo.weight": ("self_attn.o_proj.weight",),
-    "mlp_norm.weight": ("post_attention_layernorm.weight",),
-    "mlp.w_gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "mlp.w_down.weight": ("mlp.down_proj.weight",),
+# Our tensor name -> Hugging Face name, per layer and for the whole model.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w_gate.weight": "mlp.gate_proj.weight",
+    "mlp.w_up.weight": "mlp.up_proj.weight",
+    "mlp.w_down.weight": "mlp.down_proj.weight",
 }
 _TOP_NAMES = {
     "embed.weight": "model.embed_tokens.weight",
@@ -45,69 +46,46 @@ _TOP_NAMES = {
 }
 _OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-# Hugging Face layer tensor name -> (our name, index of its rows within our fused matrix)
-_HF_TO_OUR_LAYER = {hf: (ours, i) for ours, hfs in _LAYER_NAMES.items() for i, hf in enumerate(hfs)}
+_HF_TO_OUR_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HF_TO_OUR_TOP = {v: k for k, v in _TOP_NAMES.items()}
 
 
-def _row_split(cfg: ModelConfig, suffix: str) -> list[int]:
-    if suffix == "attn.wqkv.weight":
-        return [cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
-    if suffix == "mlp.w_gate_up.weight":
-        return [cfg.hidden_dim, cfg.hidden_dim]
-    return []
-
-
-def to_hf_names(key: str) -> list[str]:
-    """Hugging Face ``LlamaForCausalLM`` name(s) of our tensor ``key``."""
+def to_hf_key(key: str) -> str:
+    """Hugging Face ``LlamaForCausalLM`` name of our tensor ``key``."""
     if key in _TOP_NAMES:
-        return [_TOP_NAMES[key]]
+        return _TOP_NAMES[key]
     m = _OUR_LAYER.match(key)
     if m and m.group(2) in _LAYER_NAMES:
-        return [f"model.layers.{m.group(1)}.{hf}" for hf in _LAYER_NAMES[m.group(2)]]
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
     raise KeyError(f"no Hugging Face name for tensor {key!r}")
 
 
-def to_hf_tensors(key: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
-    """Our tensor as Hugging Face tensors: renamed, fused matrices split by rows (exact copies)."""
-    names = to_hf_names(key)
-    if len(names) == 1:
-        return [(names[0], tensor)]
-    m = _OUR_LAYER.match(key)
-    parts = tensor.split(_row_split(cfg, m.group(2) if m else key), dim=0)
-    return [(name, part.contiguous()) for name, part in zip(names, parts)]
+def from_hf_key(key: str) -> str | None:
+    """Our name of the Hugging Face tensor ``key``; None for the rotary ``inv_freq`` buffers
+    that some old checkpoints carry (recomputed, not stored)."""
+    if key in _HF_TO_OUR_TOP:
+        return _HF_TO_OUR_TOP[key]
+    m = _HF_LAYER.match(key)
+    if m and m.group(2) in _HF_TO_OUR_LAYER:
+        return f"layers.{m.group(1)}.{_HF_TO_OUR_LAYER[m.group(2)]}"
+    if key.endswith("rotary_emb.inv_freq"):
+        return None
+    raise DataError(f"unknown tensor {key!r} in the Hugging Face checkpoint (not a plain Llama model?)")
 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if cfg.tie_embeddings and key == "lm_head.weight":
-            continue
-        out.update(to_hf_tensors(key, tensor, cfg))
-    return out
+    """Our state dict under Hugging Face names (same tensors; a tied head left out)."""
+    return {to_hf_key(k): v for k, v in state_dict.items()
+            if not (cfg.tie_embeddings and k == "lm_head.weight")}
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict from Hugging Face tensors (fused matrices concatenated in our row order);
-    rotary ``inv_freq`` buffers that some old checkpoints carry are dropped."""
-    state: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[int, torch.Tensor]] = {}
+    """Our state dict from Hugging Face tensors (same tensors, our names)."""
+    state = {}
     for key, tensor in hf_state.items():
-        if key in _HF_TO_OUR_TOP:
-            state[_HF_TO_OUR_TOP[key]] = tensor
-            continue
-        m = _HF_LAYER.match(key)
-        if m and m.group(2) in _HF_TO_OUR_LAYER:
-            ours, index = _HF_TO_OUR_LAYER[m.group(2)]
-            fused.setdefault(f"layers.{m.group(1)}.{ours}", {})[index] = tensor
-        elif not key.endswith("rotary_emb.inv_freq"):
-            raise DataError(f"unknown tensor {key!r} in the Hugging Face checkpoint (not a plain Llama model?)")
-    for ours, parts in fused.items():
-        expected = len(to_hf_names(ours))
-        if sorted(parts) != list(range(expected)):
-            have = [to_hf_names(ours)[i] for i in sorted(parts)]
-            raise DataError(f"the Hugging Face checkpoint has {have} but not all of {to_hf_names(ours)}")
-        state[ours] = parts[0] if expected == 1 else torch.cat([parts[i] for i in range(expected)], dim=0)
+        ours = from_hf_key(key)
+        if ours is not None:
+            state[ours] = tensor
     return state
 
 
@@ -295,9 +273,8 @@ def export_weights(weights: Path, out: Path, cfg: ModelConfig,
     for file, names in zip(files, shards):
         tensors = {}
         for name, tensor in _iter_tensors(weights, names):
-            for hf_name, part in to_hf_tensors(name, tensor, cfg):
-                tensors[hf_name] = part.to(dtype) if dtype is not None else part
-                weight_map[hf_name] = file
+            tensors[to_hf_key(name)] = tensor.to(dtype) if dtype is not None else tensor
+            weight_map[to_hf_key(name)] = file
         tmp = out / (file + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out / file)

@@ -2,8 +2,6 @@
 
 RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query attention through
 ``F.scaled_dot_product_attention``, no biases, optional tied embeddings. No distributed code.
-The q/k/v projections are one matrix, as are the SwiGLU gate and up projections: one larger
-GEMM instead of several (and one input gradient instead of a sum of several) in each.
 
 Rotary layout: like Hugging Face's Llama (and unlike Meta's original checkpoint format), a head's
 dimensions are rotated as pairs ``(i, i + head_dim/2)`` ("rotate_half"), so conversion to and
@@ -153,18 +151,18 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, out_std: float) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.split = (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
-        self.wqkv = Linear(cfg.dim, sum(self.split), cfg.init_std)  # rows: q, then k, then v
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         if cache is None:
@@ -183,17 +181,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``w_down(silu(gate x) * up x)``; ``gate`` and ``up`` are one fused matrix."""
+    """SwiGLU: ``w_down(silu(w_gate x) * w_up x)``."""
 
     def __init__(self, cfg: ModelConfig, out_std: float) -> None:
         super().__init__()
-        self.hidden = cfg.hidden_dim
-        self.w_gate_up = Linear(cfg.dim, 2 * self.hidden, cfg.init_std)  # rows: gate, then up
-        self.w_down = Linear(self.hidden, cfg.dim, out_std)
+        self.w_gate = Linear(cfg.dim, cfg.hidden_dim, cfg.init_std)
+        self.w_up = Linear(cfg.dim, cfg.hidden_dim, cfg.init_std)
+        self.w_down = Linear(cfg.hidden_dim, cfg.dim, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).split(self.hidden, dim=-1)  # (B, T, F) each
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -229,8 +226,8 @@ class Transformer(nn.Module):
         """(Re)initialise every parameter in construction order, so the same torch seed gives
         the same weights as construction on a real device:
 
-        - token embedding, the fused q/k/v projection, the fused SwiGLU gate/up projection,
-          the untied output head: N(0, init_std);
+        - token embedding, q/k/v projections, SwiGLU gate and up projections, untied output
+          head: N(0, init_std);
         - the residual output projections (attention ``wo``, MLP ``w_down``):
           N(0, init_std / sqrt(2 * n_layers)) with ``init_depth_scaled``, else N(0, init_std);
         - RMSNorm gains: 1.

@@ -116,8 +116,8 @@ def test_init_distribution():
     model = build_model(cfg, seed=0)
     block = model.layers[0]
     scaled = 0.05 / math.sqrt(2 * cfg.n_layers)
-    assert block.attn.wqkv.weight.std().item() == pytest.approx(0.05, rel=0.02)
-    assert block.mlp.w_gate_up.weight.std().item() == pytest.approx(0.05, rel=0.02)
+    assert block.attn.wq.weight.std().item() == pytest.approx(0.05, rel=0.02)
+    assert block.mlp.w_up.weight.std().item() == pytest.approx(0.05, rel=0.02)
     assert block.mlp.w_down.weight.std().item() == pytest.approx(scaled, rel=0.02)
     assert block.attn.wo.weight.std().item() == pytest.approx(scaled, rel=0.02)
     assert model.lm_head.weight.std().item() == pytest.approx(0.05, rel=0.02)
