@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast install demo bench clean-venv
+.PHONY: test test-fast install demo clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The main job end to end on the bundled sample (reuses completed stages; see runs/demo/report.md)
+demo: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) launcher/demo.py --run-dir runs/demo
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed"

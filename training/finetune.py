@@ -188,6 +188,7 @@ class FinetuneTrainer(Trainer):
         self.flops_per_token = flops_per_token(self.model_cfg, self.seq_len)
         self.peak_tflops = device_peak_tflops(ctx.device, cfg.train.precision, cfg.log.peak_tflops)
         self._val_warned = False
+        self.model_state_gb: float | None = None
         self.last_dev: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------- build
