@@ -20,17 +20,17 @@ from crucible.errors import ConfigError
 # Llama block (SwiGLU at 8/3 * dim, RMSNorm, RoPE); 7B/13B/70B are Llama 2's shapes.
 # vocab_size is not part of a preset: it comes from the tokenizer.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=32,
-                 max_seq_len=128),
-    "cpu-small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_multiple_of=64,
-                      max_seq_len=256),
-    "125M": dict(dim=768, n_layers=12, n_heads=12, ffn_multiple_of=256, max_seq_len=2048),
-    "350M": dict(dim=1024, n_layers=24, n_heads=16, ffn_multiple_of=256, max_seq_len=2048),
-    "1.3B": dict(dim=2048, n_layers=24, n_heads=16, ffn_multiple_of=256, max_seq_len=2048),
-    "7B": dict(dim=4096, n_layers=32, n_heads=32, ffn_multiple_of=256, max_seq_len=4096),
-    "13B": dict(dim=5120, n_layers=40, n_heads=40, ffn_multiple_of=256, max_seq_len=4096),
-    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                ffn_multiple_of=4096, max_seq_len=4096),
+    "tiny": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_multiple_of": 32,
+             "max_seq_len": 128},
+    "cpu-small": {"dim": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 4, "ffn_multiple_of": 64,
+                  "max_seq_len": 256},
+    "125M": {"dim": 768, "n_layers": 12, "n_heads": 12, "ffn_multiple_of": 256, "max_seq_len": 2048},
+    "350M": {"dim": 1024, "n_layers": 24, "n_heads": 16, "ffn_multiple_of": 256, "max_seq_len": 2048},
+    "1.3B": {"dim": 2048, "n_layers": 24, "n_heads": 16, "ffn_multiple_of": 256, "max_seq_len": 2048},
+    "7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "ffn_multiple_of": 256, "max_seq_len": 4096},
+    "13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "ffn_multiple_of": 256, "max_seq_len": 4096},
+    "70B": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "ffn_dim": 28672,
+            "ffn_multiple_of": 4096, "max_seq_len": 4096},
 }
 
 
@@ -84,7 +84,7 @@ class ModelConfig(Section):
         return {**PRESETS[name], **data}
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_multiple_of"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")

@@ -8,9 +8,10 @@ ever attends to padding, so a prompt's continuation does not depend on what it w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 

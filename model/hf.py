@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -213,7 +214,7 @@ def read_hf_dir(path: str | Path, device: torch.device | str = "cpu"
     hf_state: dict[str, torch.Tensor] = {}
     for file in _hf_weight_files(path):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
                 hf_state[key] = f.get_tensor(key)
     state = from_hf_state_dict(hf_state, cfg)
     del hf_state
@@ -256,7 +257,7 @@ def export_weights(weights: Path, out: Path, cfg: ModelConfig,
 
     with safe_open(str(weights), framework="pt") as f:
         sizes = {}
-        for name in f.keys():
+        for name in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
             sl = f.get_slice(name)
             n = 1
             for d in sl.get_shape():

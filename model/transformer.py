@@ -135,7 +135,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, capacity: int,
-              device: torch.device | str, dtype: torch.dtype) -> "KVCache":
+              device: torch.device | str, dtype: torch.dtype) -> KVCache:
         shape = (batch_size, cfg.kv_heads, capacity, cfg.head_dim)
         return cls(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
@@ -262,7 +262,7 @@ class Transformer(nn.Module):
         ``cache.length``, which then advances by T) and a boolean ``mask`` (B, 1, T, cache
         length + T) of the keys each query may see.
         """
-        B, T = tokens.shape
+        T = tokens.shape[1]
         x = self.embed(tokens)  # (B, T, C)
         if positions is None:
             positions = torch.arange(T, device=tokens.device)

@@ -121,7 +121,7 @@ def test_generate_launcher(tmp_path):
     prompts.write_text("The fire\nPrime Minister John Howard said\n", encoding="utf-8")
     cmd = [sys.executable, str(ROOT / "launcher/generate.py"), "--model", str(tmp_path / "m"),
            "--prompt", "Hello", "--prompts-file", str(prompts), "--max-new-tokens", "8", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     import json
 
@@ -130,6 +130,6 @@ def test_generate_launcher(tmp_path):
     assert all(0 < len(r["new_token_ids"]) <= 8 for r in rows)
     bad = subprocess.run([sys.executable, str(ROOT / "launcher/generate.py"), "--model",
                           str(tmp_path / "nope"), "--prompt", "x"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, check=False)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -9,8 +9,14 @@ import torch
 
 from crucible.errors import DataError
 from model.config import ModelConfig, resolve_model_config
-from model.hf import (export_hf, from_hf_config, from_hf_state_dict, read_hf_dir, to_hf_key,
-                      to_hf_state_dict)
+from model.hf import (
+    export_hf,
+    from_hf_config,
+    from_hf_state_dict,
+    read_hf_dir,
+    to_hf_key,
+    to_hf_state_dict,
+)
 from model.io import load_model_dir, save_model_dir
 from model.transformer import build_model
 
@@ -19,9 +25,9 @@ VOCAB = 512
 
 # GQA and multi-head, tied and untied, default and other rotary bases.
 CONFIGS = {
-    "gqa-untied": dict(n_kv_heads=2, tie_embeddings=False),
-    "gqa-tied-theta5e5": dict(n_kv_heads=2, tie_embeddings=True, rope_theta=500000.0),
-    "mha-untied-theta1234": dict(n_kv_heads=None, tie_embeddings=False, rope_theta=1234.0),
+    "gqa-untied": {"n_kv_heads": 2, "tie_embeddings": False},
+    "gqa-tied-theta5e5": {"n_kv_heads": 2, "tie_embeddings": True, "rope_theta": 500000.0},
+    "mha-untied-theta1234": {"n_kv_heads": None, "tie_embeddings": False, "rope_theta": 1234.0},
 }
 
 
