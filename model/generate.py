@@ -156,6 +156,13 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._decode(ids)
 
+    def completion(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+        """The text ``new_ids`` add after the prompt, with the space a word-initial piece
+        carries (decoding ``new_ids`` alone would drop it)."""
+        prompt = self.decode(prompt_ids)
+        full = self.decode(prompt_ids + new_ids)
+        return full[len(prompt):] if full.startswith(prompt) else self.decode(new_ids)
+
 
 def generate_text(model_dir: str | Path, prompts: list[str], sampling: SamplingConfig,
                   start: Literal["eos", "bos", "none"] = "eos", device: str = "cpu",
@@ -191,5 +198,5 @@ def generate_text(model_dir: str | Path, prompts: list[str], sampling: SamplingC
     for first in range(0, len(prompts), batch_size):
         batch = encoded[first:first + batch_size]
         for text, ids, new in zip(prompts[first:], batch, generate(model, batch, sampling, pad_id=pad)):
-            yield {"prompt": text, "completion": tokenizer.decode(new), "prompt_token_ids": ids,
-                   "new_token_ids": new}
+            yield {"prompt": text, "completion": tokenizer.completion(ids, new),
+                   "prompt_token_ids": ids, "new_token_ids": new}

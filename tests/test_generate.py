@@ -128,6 +128,12 @@ def test_generate_launcher(tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["Hello", "The fire", "Prime Minister John Howard said"]
     assert all(0 < len(r["new_token_ids"]) <= 8 for r in rows)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+    for r in rows:
+        assert r["prompt_token_ids"] == [2] + sp.encode(r["prompt"])  # EOS first, as in the shards
+        assert r["prompt"] + r["completion"] == sp.decode(r["prompt_token_ids"] + r["new_token_ids"])
     bad = subprocess.run([sys.executable, str(ROOT / "launcher/generate.py"), "--model",
                           str(tmp_path / "nope"), "--prompt", "x"], capture_output=True, text=True,
                          timeout=120, check=False)
