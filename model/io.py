@@ -171,6 +171,9 @@ def find_model_dir(path: str | Path) -> Path:
             if is_model_dir(candidate):
                 return candidate
         raise DataError(f"{latest} names no existing model directory (tried {[str(c) for c in candidates]})")
+    if (path / "checkpoints").is_dir() or (path / "deepspeed_config.json").is_file():
+        raise DataError(f"{path} is a run directory without a complete checkpoint yet (no "
+                        "latest.json); wait for the first checkpoint or pass a model directory")
     return path
 
 

@@ -213,3 +213,6 @@ def test_find_model_dir_in_run_and_checkpoint_dirs(tmp_path):
     (tmp_path / "run" / "latest.json").write_text(json.dumps({"tag": "step_00000020"}))
     with pytest.raises(DataError, match="names no existing model directory"):
         find_model_dir(tmp_path / "run")
+    (tmp_path / "run" / "latest.json").unlink()
+    with pytest.raises(DataError, match="run directory without a complete checkpoint"):
+        find_model_dir(tmp_path / "run")
