@@ -261,3 +261,12 @@ def test_fast_ngram_counts_equal_the_plain_walk(seed):
     for n in range(2, 11):
         assert _duplicated_ngram_chars(index, n) == _reference_duplicated(words, n) == plain.duplicated(n)
         assert _top_ngram_chars(index, n) == _reference_top(words, n) == plain.top(n)
+
+
+def test_hostile_chunks_split_in_linear_time():
+    import time
+
+    start = time.process_time()
+    # quadratic affix peeling or URL-pattern backtracking would take minutes on these
+    words = split_words("a:" * 50_000 + " (" + "ab-" * 20_000 + ") x" + ":" * 20_000 + " " + "a:a." * 10_000)
+    assert len(words) > 100_000 and time.process_time() - start < 3.0

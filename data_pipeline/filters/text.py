@@ -17,13 +17,17 @@ from itertools import chain
 
 from data_pipeline.filters import spacy_en_rules as _rules
 
-_PREFIX_RE = re.compile(_rules.PREFIX)  # every alternative is anchored with ^
+# Every alternative of spaCy's prefix pattern is anchored with ^; without the anchors the
+# pattern can be matched at any index with ``match(s, pos)``.
+_PREFIX_AT = re.compile(_rules.PREFIX.replace("|^", "|").removeprefix("^"))
 _ALNUM_PREFIX_STARTS = frozenset("UCA")  # US$, C$, A$: the only prefixes starting with a letter
 _DIGIT_OR_APOSTROPHE = re.compile(r"[0-9'’]").search
+_MAX_SPECIAL = max(map(len, _rules.EXCEPTIONS))
 _SUFFIX_RE = re.compile(_rules.SUFFIX)
 _SUFFIX_WINDOW = 24
 _INFIX = re.compile(_rules.INFIX).finditer
 _URL = re.compile(_rules.URL).match
+_MAX_URL = 2048
 _SPECIAL = _rules.EXCEPTIONS
 # Special cases that hold punctuation can span several affix pieces (")" + ":" -> "):");
 # spaCy merges those pieces back after splitting, and so does _merge_specials.
@@ -31,65 +35,71 @@ _SPECIAL_SPANS = {k for k in _SPECIAL if not k.isalnum() and not k.isspace()}
 _MAX_SPAN = 6
 
 
-def _PREFIX(chunk: str) -> re.Match | None:
-    if chunk[0].isalnum() and chunk[0] not in _ALNUM_PREFIX_STARTS:
-        return None
-    return _PREFIX_RE.match(chunk)
+def _is_special(s: str, a: int, b: int) -> bool:
+    return 0 < b - a <= _MAX_SPECIAL and s[a:b] in _SPECIAL
 
 
-def _SUFFIX(chunk: str) -> re.Match | None:
-    """spaCy's suffix search, looking only at the end of the chunk (all suffix rules end in $).
+def _prefix_len(s: str, a: int, b: int) -> int:
+    if s[a].isalnum() and s[a] not in _ALNUM_PREFIX_STARTS:
+        return 0
+    m = _PREFIX_AT.match(s, a, b)
+    return m.end() - a if m else 0
+
+
+def _suffix_len(s: str, a: int, b: int) -> int:
+    """Length of spaCy's suffix of ``s[a:b]`` (searching only near the end: all rules end in $).
 
     Suffixes that end in a letter or digit are units/currencies after a digit and 's/'S, so a
-    chunk ending in one without any digit or apostrophe has no suffix.
+    piece ending in one without any digit or apostrophe has no suffix.
     """
-    if not chunk or (chunk[-1].isalnum() and not _DIGIT_OR_APOSTROPHE(chunk)):
-        return None
-    start = max(len(chunk) - _SUFFIX_WINDOW, 0)
-    m = _SUFFIX_RE.search(chunk, start)
-    if m is not None and start and m.start() == start:
-        m = _SUFFIX_RE.search(chunk)  # a suffix longer than the window (e.g. a long run of dots)
-    return m
+    if a >= b:
+        return 0
+    start = max(b - _SUFFIX_WINDOW, a)
+    if s[b - 1].isalnum() and not _DIGIT_OR_APOSTROPHE(s, start, b):
+        return 0
+    m = _SUFFIX_RE.search(s, start, b)
+    if m is not None and start > a and m.start() == start:
+        m = _SUFFIX_RE.search(s, a, b)  # a suffix longer than the window (e.g. a long run of dots)
+    return m.end() - m.start() if m else 0
 
 
 def _split_affixes(chunk: str) -> tuple[list[str], str, list[str]]:
-    """spaCy's ``Tokenizer._split_affixes``: peel prefixes and suffixes off a chunk."""
+    """spaCy's ``Tokenizer._split_affixes``: peel prefixes and suffixes off a chunk.
+
+    Works on indices into the chunk (no re-slicing per step), so a long run of punctuation
+    costs linear, not quadratic, time.
+    """
     prefixes: list[str] = []
     suffixes: list[str] = []
+    a, b = 0, len(chunk)
     last = -1
-    while chunk and len(chunk) != last:
-        if chunk in _SPECIAL:
+    while a < b and b - a != last:
+        if _is_special(chunk, a, b):
             break
-        last = len(chunk)
-        m = _PREFIX(chunk)
-        pre = m.end() - m.start() if m else 0
-        if pre:
-            minus_pre = chunk[pre:]
-            if minus_pre and minus_pre in _SPECIAL:
-                prefixes.append(chunk[:pre])
-                chunk = minus_pre
-                break
-        m = _SUFFIX(chunk[pre:])
-        suf = m.end() - m.start() if m else 0
-        if suf:
-            minus_suf = chunk[:-suf]
-            if minus_suf and minus_suf in _SPECIAL:
-                suffixes.append(chunk[-suf:])
-                chunk = minus_suf
-                break
-        if pre and suf and pre + suf <= len(chunk):
-            prefixes.append(chunk[:pre])
-            suffixes.append(chunk[-suf:])
-            chunk = chunk[pre:-suf]
+        last = b - a
+        pre = _prefix_len(chunk, a, b)
+        if pre and _is_special(chunk, a + pre, b):
+            prefixes.append(chunk[a:a + pre])
+            a += pre
+            break
+        suf = _suffix_len(chunk, a + pre, b)
+        if suf and _is_special(chunk, a, b - suf):
+            suffixes.append(chunk[b - suf:b])
+            b -= suf
+            break
+        if pre and suf and pre + suf <= b - a:
+            prefixes.append(chunk[a:a + pre])
+            suffixes.append(chunk[b - suf:b])
+            a, b = a + pre, b - suf
         elif pre:
-            prefixes.append(chunk[:pre])
-            chunk = chunk[pre:]
+            prefixes.append(chunk[a:a + pre])
+            a += pre
         elif suf:
-            suffixes.append(chunk[-suf:])
-            chunk = chunk[:-suf]
-        if chunk and chunk in _SPECIAL:
+            suffixes.append(chunk[b - suf:b])
+            b -= suf
+        if _is_special(chunk, a, b):
             break
-    return prefixes, chunk, suffixes
+    return prefixes, chunk[a:b], suffixes
 
 
 def _expand(piece: str, out: list[str]) -> None:
@@ -117,7 +127,7 @@ def _split_chunk(chunk: str) -> tuple[str, ...]:
     if core:
         if core in _SPECIAL:
             out.extend(_SPECIAL[core])
-        elif _URL(core):
+        elif len(core) <= _MAX_URL and "." in core and _URL(core):  # hosts need a dot; the pattern backtracks on giant chunks
             out.append(core)
         else:
             start = 0
