@@ -82,6 +82,13 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device
     return tokens, valid
 
 
+def _last_logits(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
+                 cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of the last position only (the output head is the largest matmul of a step)."""
+    hidden = model.hidden_states(tokens, positions=positions, cache=cache, mask=mask)
+    return model.lm_head(hidden[:, -1:])  # (B, 1, V)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], sampling: SamplingConfig,
              pad_id: int = 0) -> list[list[int]]:
@@ -104,7 +111,7 @@ def generate(model: Transformer, prompts: list[list[int]], sampling: SamplingCon
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
     causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
     mask = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
-    logits = model(tokens, positions=positions, cache=cache, mask=mask[:, None])  # (B, P, V)
+    logits = _last_logits(model, tokens, positions, cache, mask[:, None])  # (B, 1, V)
     next_pos = valid.sum(-1)  # (B,)
 
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -119,7 +126,7 @@ def generate(model: Transformer, prompts: list[list[int]], sampling: SamplingCon
             break
         keys_valid[:, width + step] = True
         mask = keys_valid[:, None, None, : width + step + 1]  # (B, 1, 1, S)
-        logits = model(chosen[:, None], positions=next_pos[:, None], cache=cache, mask=mask)
+        logits = _last_logits(model, chosen[:, None], next_pos[:, None], cache, mask)
         next_pos = next_pos + 1
     return out
 
