@@ -151,7 +151,7 @@ def memory(manifest: Path, args: argparse.Namespace, work: Path) -> None:
     measured = {}
     for stage in (0, 1, 2, 3):
         recs = run_launcher(work / f"mem{stage}", manifest, args, stage=stage, ranks=2, steps=3)
-        state_mib = recs[0]["memory/model_state_gb"] * 1024
+        state_mib = next(r["memory/model_state_gb"] for r in recs if "memory/model_state_gb" in r) * 1024
         rss_mib = max(r["train/memory_gb"] for r in recs) * 1024
         if stage == 3:
             _, est, _ = estimate_zero3_model_states_mem_needs(total, largest, 2, 1, cpu_offload=False,

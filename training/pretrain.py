@@ -318,9 +318,10 @@ class Trainer:
             if self.faults.nan_now(step, self.ctx.rank):
                 loss = loss * float("nan")
             self.engine.backward(loss)
-            if self.model_state_gb is None and micro == self.plan.grad_accum_steps - 1:
+            if self.model_state_gb is None and step >= 1 and micro == self.plan.grad_accum_steps - 1:
                 # weights + gradients + optimizer state held by this rank (ZeRO shards counted),
-                # at the gradient peak: after the last backward, before the optimizer step
+                # at the gradient peak of the second step (AdamW creates its state lazily in
+                # the first): after the last backward, before the optimizer step
                 self.model_state_gb = model_state_bytes(self.engine) / 1024**3
             self.engine.step()
             loss_sum += loss.detach().double().cpu()
@@ -416,7 +417,7 @@ class Trainer:
             known = self.model_state_gb is not None
             metrics = self.train_step(batches)
             step = self.state.step
-            if not known:
+            if not known and self.model_state_gb is not None:
                 metrics["memory/model_state_gb"] = self.model_state_gb
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 metrics.update(self.evaluate() or {})
