@@ -37,8 +37,11 @@ def _train_shard_samples(manifest_path: Path) -> Iterable[np.ndarray]:
     manifest = json.loads(manifest_path.read_text())
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     urls = [str((manifest_path.parent / s["path"]).resolve()) for s in manifest["splits"]["train"]]
-    # no decoders: samples stay raw bytes, nothing is unpickled
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    # no decoders: samples stay raw bytes, nothing is unpickled; every shard is read here
+    # (the check runs on one rank), so no node splitting
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=lambda src: src,
+                             workersplitter=lambda src: src)
+    for sample in dataset:
         yield np.frombuffer(sample["tokens"], dtype=dtype)
 
 
