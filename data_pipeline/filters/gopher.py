@@ -14,7 +14,7 @@ from itertools import filterfalse
 import numpy as np
 
 from data_pipeline.config import GopherQualityConfig, GopherRepetitionConfig
-from data_pipeline.filters.text import is_punct_token
+from data_pipeline.filters.text import is_symbol_word
 
 _PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
 _LINE_SPLIT = re.compile(r"\n+")
@@ -23,7 +23,7 @@ _LINE_SPLIT = re.compile(r"\n+")
 def gopher_quality(text: str, words: list[str], cfg: GopherQualityConfig) -> str | None:
     n_words = len(words)
     alnum = list(filter(str.isalnum, words))  # the bulk, filtered at C speed
-    content = alnum + [w for w in filterfalse(str.isalnum, words) if not is_punct_token(w)]
+    content = alnum + [w for w in filterfalse(str.isalnum, words) if not is_symbol_word(w)]
     n_content = len(content)
     if n_words == 0 or (cfg.min_doc_words and n_content < cfg.min_doc_words):
         return "gopher_quality.short_doc"

@@ -12,6 +12,7 @@ how often each rule's decision agrees with datatrove's.
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 from itertools import chain
 
@@ -203,10 +204,24 @@ def split_words(text: str) -> list[str]:
     return list(chain.from_iterable(map(_split_chunk, text.split())))
 
 
+# Gopher's "symbol words": tokens made only of these characters (datatrove's PUNCTUATION set
+# and sentence terminals, Apache-2.0, plus the C0/C1 control characters it includes).
+_SYMBOL_CHARS = frozenset(
+    "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»"
+    + "".join(map(chr, (x for a, b in ((0, 9), (11, 13), (13, 32), (127, 160)) for x in range(a, b))))
+)
+
+
+@lru_cache(maxsize=1 << 16)
+def is_symbol_word(token: str) -> bool:
+    """True for tokens made only of punctuation/symbols (not counted as words by Gopher's rules)."""
+    return all(ch in _SYMBOL_CHARS or ch in TERMINAL_PUNCTUATION for ch in token)
+
+
 @lru_cache(maxsize=1 << 16)
 def is_punct_token(token: str) -> bool:
-    """True for tokens without a letter or digit (datatrove's "symbol words")."""
-    return not (token.isalnum() or any(map(str.isalnum, token)))
+    """spaCy's ``is_punct``: every character is Unicode punctuation (category P*)."""
+    return all(unicodedata.category(ch).startswith("P") for ch in token)
 
 
 def count_sentences(tokens: list[str]) -> int:
