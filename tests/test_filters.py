@@ -270,3 +270,14 @@ def test_hostile_chunks_split_in_linear_time():
     # quadratic affix peeling or URL-pattern backtracking would take minutes on these
     words = split_words("a:" * 50_000 + " (" + "ab-" * 20_000 + ") x" + ":" * 20_000 + " " + "a:a." * 10_000)
     assert len(words) > 100_000 and time.process_time() - start < 3.0
+
+
+def test_symbol_words_and_punctuation_tokens():
+    from data_pipeline.filters.text import is_punct_token, is_symbol_word
+
+    assert is_symbol_word("...") and is_symbol_word("|") and is_symbol_word("$")
+    assert not is_symbol_word("😀") and not is_symbol_word("©") and not is_symbol_word("a.")
+    assert is_punct_token(".") and is_punct_token("--") and not is_punct_token("|") and not is_punct_token("$")
+    # an emoji counts as a word for Gopher: 49 words + 1 emoji reach min_doc_words=50
+    assert quality(words(49) + " 😀", min_doc_words=50) is None
+    assert quality(words(49) + " |", min_doc_words=50) == "gopher_quality.short_doc"
