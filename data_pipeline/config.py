@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from crucible.config import Section
+from data_pipeline.ray_config import RayConfig
 from data_pipeline.tokenizer_config import ShardConfig, TokenizerConfig
 
 InputFormat = Literal["auto", "jsonl", "text", "lines", "parquet", "csv", "tsv", "warc", "wet", "html"]
@@ -229,7 +230,7 @@ class DataPrepConfig(Section):
     tokenizer_dir: str | None = None
     """shard: folder written by build_tokenizer."""
     executor: Literal["local", "ray"] = "local"
-    """clean: where the per-input work runs (local worker processes, or a Ray cluster)."""
+    """clean/shard/prepare_data: where the per-file work runs (local worker processes, or a Ray cluster; see ray)."""
     workers: int = Field(default=0, ge=0)
     """clean: worker processes (0: one per CPU core); the output does not depend on it."""
     strict: bool = False
@@ -237,4 +238,5 @@ class DataPrepConfig(Section):
     data: CleanConfig = Field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -1,4 +1,4 @@
-"""Where per-input work runs: in this process, in local worker processes, or (issue 9) on Ray.
+"""Where per-input work runs: in this process, in local worker processes, or on Ray.
 
 An executor maps a picklable top-level function over picklable tasks and yields results as
 they finish (any order). Tasks write their own output files, so the order in which they finish
@@ -12,8 +12,6 @@ import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
-
-from crucible.errors import ConfigError
 
 
 class Executor(Protocol):
@@ -46,9 +44,12 @@ def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def build_executor(kind: str, workers: int) -> Executor:
-    """The executor for config ``executor`` (local | ray) and ``workers`` (0: all cores)."""
+def build_executor(kind: str, workers: int, ray_cfg: Any = None) -> Executor:
+    """The executor for config ``executor`` (local | ray), ``workers`` (0: all cores), ``ray``."""
     if kind == "ray":
-        raise ConfigError("executor=ray is not available yet (see issue 9); use executor=local")
+        from data_pipeline.ray_config import RayConfig
+        from data_pipeline.ray_executor import RayExecutor
+
+        return RayExecutor(ray_cfg if ray_cfg is not None else RayConfig())
     n = resolve_workers(workers)
     return InlineExecutor() if n == 1 else LocalExecutor(n)
