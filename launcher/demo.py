@@ -109,7 +109,8 @@ def build_stages(run: Path, args: argparse.Namespace) -> list[Stage]:
               lambda: (hf / "config.json").is_file() and (hf / "model.safetensors").is_file(),
               lambda: f"Hugging Face Llama directory {hf}"),
         Stage("generate", [py, "launcher/generate.py", "--model", str(hf), "--max-new-tokens", "40",
-                           "--json", *[a for p in PROMPTS for a in ("--prompt", p)]],
+                           "--temperature", "0.8", "--top-p", "0.95", "--seed", "0", "--json",
+                           *[a for p in PROMPTS for a in ("--prompt", p)]],
               lambda: samples.is_file(),
               lambda: f"{len(samples.read_text().splitlines())} continuations in {samples}"),
     ]

@@ -91,7 +91,7 @@ def _pretrain_section(pre: Path, run: Path) -> list[str]:
     mfu = statistics.median(r["train/mfu"] for r in steady)
     val = [r for r in rows if "val/loss" in r]
     lines = [f"![pretraining loss]({png.name})" if png else "", "",
-             f"- steps: {rows[-1]['step']}, tokens: {rows[-1].get('consumed_samples', 0)} samples",
+             f"- steps: {rows[-1]['step']}, samples consumed: {rows[-1].get('consumed_samples', 0)}",
              f"- throughput: {tps:,.0f} tokens/s (median over steps), MFU {mfu:.1%} of the measured "
              f"CPU GEMM peak",
              f"- final train loss {rows[-1]['train/loss']:.3f}"]
@@ -130,7 +130,7 @@ def write_run_report(run: str | Path, commands: list[str], timings: dict[str, fl
           "## Tokenizer", "", *_tokenizer_section(data), "",
           "## Pretraining", "", *_pretrain_section(pre, run), "",
           "## Fine-tuning: sentiment (UCI sentences)", "", *_finetune_section(ft, run), "",
-          "## Generated samples (greedy, from the Hugging Face export)", ""]
+          "## Generated samples (temperature 0.8, top-p 0.95, seed 0; from the Hugging Face export)", ""]
     for s in samples:
         md.append(f"- **{s['prompt']}**{s['completion']}")
     md += ["", "## Stage times (seconds; 0 = reused)", "", "| stage | seconds |", "| --- | ---: |"]
