@@ -308,9 +308,21 @@ def run_inputs(cfg: DataPrepConfig, inputs: list[InputFile], work: Path) -> int:
     from tqdm import tqdm
 
     with tqdm(total=len(inputs), initial=len(done), unit="file", desc="clean", disable=None) as bar:
-        for _ in build_executor(cfg.executor, cfg.workers).map_unordered(process_input, tasks):
+        for _ in build_executor(cfg.executor, cfg.workers, cfg.ray).map_unordered(process_input, tasks):
             bar.update(1)
     return len(done)
+
+
+def _find_duplicates(cfg: DataPrepConfig, inputs: list[InputFile], work: Path) -> dict[int, str]:
+    """Phase 2: in this process, or (executor=ray) as a bucketed shuffle on the cluster; same result."""
+    exact = [_InputWork(work, i.index).exact for i in inputs]
+    sigs = [_InputWork(work, i.index).sig for i in inputs]
+    if cfg.executor != "ray":
+        return find_duplicates(exact, sigs, cfg.data.dedup)
+    from data_pipeline.ray_dedup import find_duplicates_shuffled
+
+    executor = build_executor(cfg.executor, cfg.workers, cfg.ray)
+    return find_duplicates_shuffled(exact, sigs, cfg.data.dedup, executor, work, cfg.ray.dedup_buckets)
 
 
 def run_clean(cfg: DataPrepConfig) -> dict[str, Any]:
@@ -330,8 +342,7 @@ def run_clean(cfg: DataPrepConfig) -> dict[str, Any]:
     stats = Stats()
     for inp in inputs:
         stats.merge(Stats.from_dict(json.loads(_InputWork(work, inp.index).done.read_text())["stats"]))
-    dropped = find_duplicates([_InputWork(work, i.index).exact for i in inputs],
-                              [_InputWork(work, i.index).sig for i in inputs], cfg.data.dedup)
+    dropped = _find_duplicates(cfg, inputs, work)
     shards = _write_shards(out, work, inputs, dropped, stats, cfg.data)
     result = stats.to_dict()
     result["inputs"] = {"files": len(inputs), "skipped_files": sorted(skipped), "shards": shards}

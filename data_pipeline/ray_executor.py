@@ -123,5 +123,5 @@ def _cancel(refs: list[Any]) -> None:
     for ref in refs:
         try:
             ray.cancel(ref)
-        except Exception:  # noqa: BLE001 - best effort while already unwinding
-            pass
+        except Exception as exc:  # noqa: BLE001 - best effort while already unwinding
+            log.debug("could not cancel a Ray task: %s", exc)

@@ -62,19 +62,24 @@ def clean_shard_paths(input_dir: str | Path, require_success: bool = True) -> li
 
 def iter_clean_documents(input_dir: str | Path, require_success: bool = True) -> Iterator[dict]:
     """Documents of a clean shard folder in order: ``{"id", "text", "source", ...}``."""
+    for path in clean_shard_paths(input_dir, require_success):
+        yield from iter_shard_documents(path)
+
+
+def iter_shard_documents(path: str | Path) -> Iterator[dict]:
+    """Documents of one clean ``docs-NNNNNN.tar`` in order."""
     from webdataset.tariterators import tarfile_to_samples
 
-    for path in clean_shard_paths(input_dir, require_success):
-        try:
-            for sample in tarfile_to_samples()([{"url": str(path)}]):
-                if "txt" not in sample:
-                    raise DataError(f"{path}: sample {sample.get('__key__')!r} has no .txt member")
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-                meta["text"] = sample["txt"].decode("utf-8")
-                meta.setdefault("id", sample["__key__"])
-                yield meta
-        except (tarfile.TarError, OSError, UnicodeDecodeError, ValueError) as exc:
-            raise DataError(f"clean shard {path} is unreadable: {exc}") from None
+    try:
+        for sample in tarfile_to_samples()([{"url": str(path)}]):
+            if "txt" not in sample:
+                raise DataError(f"{path}: sample {sample.get('__key__')!r} has no .txt member")
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            meta["text"] = sample["txt"].decode("utf-8")
+            meta.setdefault("id", sample["__key__"])
+            yield meta
+    except (tarfile.TarError, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"clean shard {path} is unreadable: {exc}") from None
 
 
 # ---------------------------------------------------------------- writing token shards
@@ -173,6 +178,10 @@ class _WriteBehind:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+EncodedBatch = tuple[list[np.ndarray], list[bool], int]
+"""Token arrays of consecutive documents (EOS appended), their validation flags, pieces split off."""
+
+
 def _encode_batch(sp, texts: list[str], cfg: ShardConfig, eos: int, dtype) -> tuple[list[np.ndarray], int]:
     """Encode documents (long ones split first) and append EOS; returns arrays and split count."""
     pieces: list[str] = []
@@ -210,11 +219,21 @@ def _clear_output(out: Path) -> None:
             old.unlink()
 
 
+def _encode_local(texts: Iterable[str], sp, cfg: ShardConfig, eos: int, dtype) -> Iterator[EncodedBatch]:
+    for batch in _batches(texts, cfg.batch_documents):
+        arrays, n_split = _encode_batch(sp, batch, cfg, eos, dtype)
+        flags = [is_validation(text, cfg.validation_fraction, cfg.split_seed) for text in batch]
+        yield arrays, flags, n_split
+
+
 def write_token_shards(
     texts: Iterable[str], tokenizer_dir: str | Path, out_dir: str | Path, cfg: ShardConfig,
-    root_cfg: Any = None,
+    root_cfg: Any = None, encoded: Iterable[EncodedBatch] | None = None,
 ) -> dict[str, Any]:
-    """Encode, pack and write ``texts`` (in order); returns the manifest (also written last)."""
+    """Encode, pack and write ``texts`` (in order); returns the manifest (also written last).
+
+    ``encoded``: documents already encoded elsewhere (executor=ray), in order, instead of ``texts``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_output(out)
@@ -226,12 +245,11 @@ def write_token_shards(
     split_documents = 0
     behind = _WriteBehind()
     try:
-        for batch in _batches(texts, cfg.batch_documents):
-            arrays, n_split = _encode_batch(sp, batch, cfg, eos, dtype)
+        batches = encoded if encoded is not None else _encode_local(texts, sp, cfg, eos, dtype)
+        for arrays, flags, n_split in batches:
             split_documents += n_split
             routed: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-            for text, arr in zip(batch, arrays, strict=True):
-                val = is_validation(text, cfg.validation_fraction, cfg.split_seed)
+            for val, arr in zip(flags, arrays, strict=True):
                 routed["validation" if val else "train"].append(arr)
             for s in SPLITS:
                 behind.submit(writers[s].add, packers[s].add(routed[s]))
@@ -306,7 +324,12 @@ def run_shard(cfg) -> dict[str, Any]:
     """Stage entry: encode the clean shards in ``cfg.input`` with ``cfg.tokenizer_dir``."""
     if not cfg.input or not cfg.output or not cfg.tokenizer_dir:
         raise DataError("shard needs input=<clean shard folder> tokenizer_dir=<folder> output=<folder>")
-    clean_shard_paths(cfg.input)  # fail early, before any output is touched
+    paths = clean_shard_paths(cfg.input)  # fail early, before any output is touched
+    if getattr(cfg, "executor", "local") == "ray":
+        from data_pipeline.ray_shards import encode_on_ray
+
+        encoded = encode_on_ray(paths, cfg.tokenizer_dir, cfg.shard, cfg.ray)
+        return write_token_shards((), cfg.tokenizer_dir, cfg.output, cfg.shard, root_cfg=cfg, encoded=encoded)
     texts = (doc["text"] for doc in iter_clean_documents(cfg.input))
     return write_token_shards(texts, cfg.tokenizer_dir, cfg.output, cfg.shard, root_cfg=cfg)
 
