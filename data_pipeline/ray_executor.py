@@ -15,6 +15,7 @@ a shared filesystem (NFS, Lustre, a FUSE mount of a bucket) on a multi-node clus
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -58,11 +59,15 @@ class RayExecutor:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.window = cfg.max_in_flight or max(2 * cpus, 2)
 
-    def _remote(self, fn: Callable[[Any], Any]):
+    def _remote(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``task -> ObjectRef``; the task runs in the driver's working directory, so relative
+        paths mean on every node what they mean here (given the same shared mount)."""
         import ray
 
-        return ray.remote(fn).options(max_retries=self.cfg.max_retries, retry_exceptions=False,
-                                      num_cpus=self.cfg.cpus_per_task)
+        remote = ray.remote(_run_in).options(max_retries=self.cfg.max_retries, retry_exceptions=False,
+                                             num_cpus=self.cfg.cpus_per_task)
+        cwd = os.getcwd()
+        return lambda task: remote.remote(cwd, fn, task)
 
     def map_unordered(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
         import ray
@@ -72,7 +77,7 @@ class RayExecutor:
         pending: list[Any] = []
         try:
             while True:
-                pending.extend(remote.remote(t) for t in _take(todo, self.window - len(pending)))
+                pending.extend(remote(t) for t in _take(todo, self.window - len(pending)))
                 if not pending:
                     return
                 done, pending = ray.wait(pending, num_returns=1)
@@ -87,12 +92,18 @@ class RayExecutor:
         pending: deque[Any] = deque()
         try:
             while True:
-                pending.extend(remote.remote(t) for t in _take(todo, self.window - len(pending)))
+                pending.extend(remote(t) for t in _take(todo, self.window - len(pending)))
                 if not pending:
                     return
                 yield _get(pending.popleft())
         finally:
             _cancel(list(pending))
+
+
+def _run_in(cwd: str, fn: Callable[[Any], Any], task: Any) -> Any:
+    if os.path.isdir(cwd) and os.getcwd() != cwd:
+        os.chdir(cwd)
+    return fn(task)
 
 
 def _take(it: Iterator[Any], n: int) -> list[Any]:
