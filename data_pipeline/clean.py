@@ -336,7 +336,7 @@ def run_clean(cfg: DataPrepConfig) -> dict[str, Any]:
         return json.loads((out / "stats.json").read_text(encoding="utf-8"))
     inputs, skipped = expand_inputs(cfg.data, cfg.input)
     for name in skipped:
-        log.warning("skipping %s: unrecognised extension (set data.sources[].format to read it)", name)
+        log.info("skipping %s: unrecognised extension (set data.sources[].format to read it)", name)
     work = _prepare_work_dir(out, _fingerprint(cfg, inputs))
     resumed = run_inputs(cfg, inputs, work)
     stats = Stats()
