@@ -131,13 +131,6 @@ class LogConfig(Section):
     """Log a warning when the loss exceeds this multiple of its running mean."""
 
 
-class TaskConfig(Section):
-    """Fine-tune task (section ``task``)."""
-
-    kind: Literal["classification", "token_classification", "qa"] = "classification"
-    """Head type: sequence classification, token classification (NER) or extractive QA."""
-
-
 class PretrainConfig(Section):
     """Root config of ``launcher/pretrain.py``."""
 
