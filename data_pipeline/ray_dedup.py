@@ -3,12 +3,12 @@
 Gives exactly the decisions of :func:`data_pipeline.dedup.find_duplicates`, without holding
 all hashes in one process:
 
-1. **exact, map** (one task per input): each row ``(hi, lo, global index)`` goes to bucket
-   ``hi % buckets`` (``shuffle/exact/BBBB/NNNNNN.u64``).
+1. **exact, map** (one task per group of consecutive inputs, ~100k documents): each row
+   ``(hi, lo, global index)`` goes to bucket ``hi % buckets`` (``shuffle/exact/BBBB/PPPPPP.u64``).
 2. **exact, reduce** (one task per bucket): rows sorted by ``(hi, lo, index)``; all but the
    first of equal hashes are exact duplicates. Same rule as the local pass: the earliest
    document in run order is kept.
-3. **bands, map** (one task per input): for every document that is not an exact duplicate and
+3. **bands, map** (one task per group of inputs): for every document that is not an exact duplicate and
    every band, ``(band, index, band values...)`` goes to the bucket of a hash of
    ``(band, band values)``.
 4. **bands, reduce** (one task per bucket): groups of equal ``(band, values)``; each member
@@ -18,8 +18,8 @@ all hashes in one process:
    hence the dropped documents, are the same.
 
 Memory per reduce task is about ``1/buckets`` of all rows (16 + 8 bytes per document for the
-exact pass, ``bands x (rows + 2) x 8`` bytes per document for the band pass); a map task holds
-one input's rows. The driver holds the duplicate edges (a few per duplicate document).
+exact pass, ``bands x (rows + 2) x 8`` bytes per document for the band pass); a map task holds one
+input's rows of one band at a time. The driver holds the duplicate edges (a few per duplicate document).
 Files go through the run's ``_work/`` folder, which every node must see (shared filesystem).
 """
 
@@ -42,33 +42,44 @@ def _bucket_file(folder: Path, bucket: int, part: int) -> Path:
     return folder / f"{bucket:04d}" / f"{part:06d}.u64"
 
 
-def _write_buckets(folder: Path, part: int, rows: np.ndarray, bucket_of_row: np.ndarray, buckets: int) -> None:
-    """Append ``rows`` (uint64, 2-D) to ``folder/BBBB/part.u64`` by bucket (every bucket gets a file)."""
-    order = np.argsort(bucket_of_row, kind="stable")
-    bounds = np.searchsorted(bucket_of_row[order], np.arange(buckets + 1))
-    for b in range(buckets):
-        path = _bucket_file(folder, b, part)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(np.ascontiguousarray(rows[order[bounds[b]:bounds[b + 1]]]).tobytes())
+class _BucketFiles:
+    """Appends rows to ``folder/BBBB/part.u64`` by bucket; a retried task starts from empty files."""
+
+    def __init__(self, folder: Path, part: int, buckets: int) -> None:
+        self.folder, self.part, self.buckets = folder, part, buckets
+        for b in range(buckets):
+            _bucket_file(folder, b, part).unlink(missing_ok=True)
+        self.files: dict[int, object] = {}
+
+    def write(self, rows: np.ndarray, bucket_of_row: np.ndarray) -> None:
+        order = np.argsort(bucket_of_row, kind="stable")
+        bounds = np.searchsorted(bucket_of_row[order], np.arange(self.buckets + 1))
+        for b in np.flatnonzero(np.diff(bounds)).tolist():
+            if b not in self.files:
+                path = _bucket_file(self.folder, b, self.part)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.files[b] = open(path, "ab")  # noqa: SIM115 - closed in close()
+            self.files[b].write(np.ascontiguousarray(rows[order[bounds[b]:bounds[b + 1]]]).tobytes())
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
 
-def _clear_part(folder: Path, part: int, buckets: int) -> None:
-    """A retried map task starts from empty files, whatever a dead attempt appended."""
-    for b in range(buckets):
-        _bucket_file(folder, b, part).unlink(missing_ok=True)
-
-
-def exact_map(task: tuple[str, int, int, str, int]) -> int:
-    exact_file, part, offset, folder, buckets = task
-    out = Path(folder)
-    _clear_part(out, part, buckets)
-    hashes = load_rows(Path(exact_file), np.uint64, 2)
-    rows = np.empty((len(hashes), 3), dtype=np.uint64)
-    rows[:, :2] = hashes
-    rows[:, 2] = np.arange(offset, offset + len(hashes), dtype=np.uint64)
-    _write_buckets(out, part, rows, (rows[:, 0] % np.uint64(buckets)).astype(np.int64), buckets)
-    return len(rows)
+def exact_map(task: tuple[list[tuple[str, int]], int, str, int]) -> int:
+    """Rows of a group of consecutive inputs (``(file, first global index)`` each) into buckets."""
+    inputs, part, folder, buckets = task
+    sink = _BucketFiles(Path(folder), part, buckets)
+    try:
+        for exact_file, offset in inputs:
+            hashes = load_rows(Path(exact_file), np.uint64, 2)
+            rows = np.empty((len(hashes), 3), dtype=np.uint64)
+            rows[:, :2] = hashes
+            rows[:, 2] = np.arange(offset, offset + len(hashes), dtype=np.uint64)
+            sink.write(rows, (rows[:, 0] % np.uint64(buckets)).astype(np.int64))
+    finally:
+        sink.close()
+    return part
 
 
 def exact_reduce(task: tuple[str, int, int]) -> np.ndarray:
@@ -82,14 +93,23 @@ def exact_reduce(task: tuple[str, int, int]) -> np.ndarray:
     return rows[1:, 2][same].astype(np.int64)
 
 
-def band_map(task: tuple[str, int, int, str, int, int, int, str]) -> int:
-    sig_file, part, offset, folder, buckets, bands, rows_per_band, exact_dropped = task
-    out = Path(folder)
-    _clear_part(out, part, buckets)
-    sigs = load_rows(Path(sig_file), np.uint32, bands * rows_per_band)
-    index = np.arange(offset, offset + len(sigs), dtype=np.int64)
-    alive = ~np.isin(index, np.load(exact_dropped, allow_pickle=False))
-    sigs, index = sigs[alive], index[alive].astype(np.uint64)
+def band_map(task: tuple[list[tuple[str, int]], int, str, int, int, int, str]) -> int:
+    inputs, part, folder, buckets, bands, rows_per_band, exact_dropped = task
+    dropped = np.load(exact_dropped, allow_pickle=False)
+    sink = _BucketFiles(Path(folder), part, buckets)
+    try:
+        for sig_file, offset in inputs:
+            sigs = load_rows(Path(sig_file), np.uint32, bands * rows_per_band)
+            index = np.arange(offset, offset + len(sigs), dtype=np.int64)
+            alive = ~np.isin(index, dropped)
+            _band_rows(sink, sigs[alive], index[alive].astype(np.uint64), bands, rows_per_band, buckets)
+    finally:
+        sink.close()
+    return part
+
+
+def _band_rows(sink: _BucketFiles, sigs: np.ndarray, index: np.ndarray, bands: int, rows_per_band: int,
+               buckets: int) -> None:
     for band in range(bands):
         values = np.ascontiguousarray(sigs[:, band * rows_per_band:(band + 1) * rows_per_band]).astype(np.uint64)
         h = np.full(len(values), ((band + 1) * _GOLDEN) & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
@@ -99,8 +119,7 @@ def band_map(task: tuple[str, int, int, str, int, int, int, str]) -> int:
         rows[:, 0] = band
         rows[:, 1] = index
         rows[:, 2:] = values
-        _write_buckets(out, part, rows, ((h >> np.uint64(33)) % np.uint64(buckets)).astype(np.int64), buckets)
-    return len(index)
+        sink.write(rows, ((h >> np.uint64(33)) % np.uint64(buckets)).astype(np.int64))
 
 
 def band_reduce(task: tuple[str, int, int, int]) -> np.ndarray:
@@ -120,24 +139,27 @@ def band_reduce(task: tuple[str, int, int, int]) -> np.ndarray:
 
 
 def _load_bucket(folder: Path, bucket: int, parts: int, width: int) -> np.ndarray:
-    chunks = [load_rows(_bucket_file(folder, bucket, p), np.uint64, width) for p in range(parts)]
-    chunks = [np.asarray(c) for c in chunks if len(c)]
+    paths = [_bucket_file(folder, bucket, p) for p in range(parts)]
+    chunks = [np.asarray(load_rows(f, np.uint64, width)) for f in paths if f.is_file()]
+    chunks = [c for c in chunks if len(c)]
     return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.uint64)
 
 
 def find_duplicates_shuffled(exact_files: list[Path], sig_files: list[Path], cfg: DedupConfig,
-                             executor: Executor, work: Path, buckets: int) -> dict[int, str]:
+                             executor: Executor, work: Path, buckets: int,
+                             docs_per_map: int = 100_000) -> dict[int, str]:
     """Same result as :func:`data_pipeline.dedup.find_duplicates`, computed as a bucketed shuffle."""
     shuffle = Path(work) / "shuffle"
     shutil.rmtree(shuffle, ignore_errors=True)
     counts = [Path(f).stat().st_size // 16 for f in exact_files]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
-    parts = len(exact_files)
+    groups = _groups(counts, docs_per_map)
+    parts = len(groups)
     dropped_exact = np.zeros(0, dtype=np.int64)
     if cfg.exact and parts:
         folder = str(shuffle / "exact")
-        list(executor.map_unordered(exact_map, [(str(f), i, offsets[i], folder, buckets)
-                                                for i, f in enumerate(exact_files)]))
+        list(executor.map_unordered(exact_map, [([(str(exact_files[i]), offsets[i]) for i in g], part, folder, buckets)
+                                                for part, g in enumerate(groups)]))
         found = list(executor.map_unordered(exact_reduce, [(folder, b, parts) for b in range(buckets)]))
         dropped_exact = np.sort(np.concatenate(found)) if found else dropped_exact
     dropped = {int(i): "dedup.exact" for i in dropped_exact.tolist()}
@@ -148,12 +170,26 @@ def find_duplicates_shuffled(exact_files: list[Path], sig_files: list[Path], cfg
     exact_path = shuffle / "exact_dropped.npy"
     np.save(exact_path, dropped_exact, allow_pickle=False)
     folder = str(shuffle / "bands")
-    list(executor.map_unordered(band_map, [(str(f), i, offsets[i], folder, buckets, cfg.bands, cfg.rows,
-                                            str(exact_path)) for i, f in enumerate(sig_files)]))
+    list(executor.map_unordered(band_map, [([(str(sig_files[i]), offsets[i]) for i in g], part, folder, buckets,
+                                            cfg.bands, cfg.rows, str(exact_path)) for part, g in enumerate(groups)]))
     edges = list(executor.map_unordered(band_reduce, [(folder, b, parts, cfg.rows) for b in range(buckets)]))
     dropped.update(_clusters(np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)))
     shutil.rmtree(shuffle, ignore_errors=True)
     return dropped
+
+
+def _groups(counts: list[int], docs_per_map: int) -> list[list[int]]:
+    """Consecutive inputs in groups of about ``docs_per_map`` documents: one map task each, so
+    thousands of small inputs do not make thousands of tiny tasks and bucket files."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(counts):
+        if not groups or (size + n > docs_per_map and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
 
 
 def _clusters(edges: np.ndarray) -> dict[int, str]:

@@ -51,13 +51,14 @@ def write_rows(tmp_path, inputs: list[list[str]], cfg: DedupConfig):
     return exact_files, sig_files
 
 
-@pytest.mark.parametrize("buckets", [1, 3, 16])
-def test_shuffle_matches_local_dedup(tmp_path, buckets):
+@pytest.mark.parametrize("buckets,docs_per_map", [(1, 10**6), (3, 70), (16, 1)])
+def test_shuffle_matches_local_dedup(tmp_path, buckets, docs_per_map):
     cfg = DedupConfig(bands=6, rows=4)
     exact_files, sig_files = write_rows(tmp_path, corpus(7, inputs=5, docs=60), cfg)
     local = find_duplicates(exact_files, sig_files, cfg)
     assert {"dedup.exact", "dedup.near"} <= set(local.values())  # the corpus exercises both passes
-    shuffled = find_duplicates_shuffled(exact_files, sig_files, cfg, InlineExecutor(), tmp_path / "work", buckets)
+    shuffled = find_duplicates_shuffled(exact_files, sig_files, cfg, InlineExecutor(), tmp_path / "work", buckets,
+                                        docs_per_map)
     assert shuffled == local
     assert not (tmp_path / "work" / "shuffle").exists()
 
