@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from crucible.config import Section, config_help, dump_config, load_config
 from crucible.errors import UserError

@@ -18,9 +18,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from crucible.cli import tool_main
 from crucible.errors import UserError

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from crucible.errors import DataError
 from model.config import ModelConfig
-from model.heads import build_head, _Head
+from model.heads import _Head, build_head
 from model.io import model_from_state_dict, read_model_config, save_model_dir
 
 TASK_FILE = "task.json"

@@ -8,9 +8,10 @@ import socket
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -85,7 +86,7 @@ class LaunchResult:
     rank_logs: dict[int, str]
     log_dir: Path
 
-    def check(self) -> "LaunchResult":
+    def check(self) -> LaunchResult:
         if self.returncode != 0:
             raise AssertionError(f"launch failed with {self.returncode}:\n{self.describe()}")
         return self

@@ -15,8 +15,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +30,16 @@ from crucible.runtime import setup_logging
 from training import checkpoint as ckpt
 from training.deepspeed_config import build_deepspeed_config, check_device_support, resolve_batch
 from training.engine import DistContext, init_distributed
-from training.faults import BadStepPolicy, FaultInjection, LossSpikeDetector, PreemptionFlag
-from training.metrics import MetricsWriter, device_peak_tflops, mfu, peak_memory_gb
+from training.metrics import mfu, peak_memory_gb
 from training.optim import SkippingAdamW, lr_at, param_groups
-from training.pretrain import EXIT_COLLECTIVE_FAILED, Trainer, TrainState, _is_collective_failure, plan_resume, write_run_files
+from training.pretrain import (
+    EXIT_COLLECTIVE_FAILED,
+    Trainer,
+    TrainState,
+    _is_collective_failure,
+    plan_resume,
+    write_run_files,
+)
 from training.tasks import classification, qa, token_classification
 from training.tasks.config import FinetuneConfig
 from training.tasks.data import TaskData, load_task_data
@@ -146,17 +153,10 @@ class FinetuneTrainer(Trainer):
     """Fine-tuning on the pretraining machinery (see the module docstring)."""
 
     def __init__(self, cfg: FinetuneConfig, ctx: DistContext, data: TaskData | None = None) -> None:
-        from model.io import find_model_dir, read_model_config
+        from model.io import find_model_dir
 
-        self.cfg, self.ctx = cfg, ctx
-        self.run_dir = Path(cfg.run_dir)
-        self.faults = FaultInjection.from_env()
-        self.preempt = PreemptionFlag().install()
-        self.bad_steps = BadStepPolicy(cfg.train.max_bad_steps)
-        self.spikes = LossSpikeDetector(cfg.log.loss_spike_factor)
+        self._init_runtime(cfg, ctx)
         self.source_dir = find_model_dir(cfg.init_from)
-        self.model_cfg = read_model_config(self.source_dir) if (self.source_dir / "model_config.json").is_file() \
-            else None
         self.tokenizer = load_tokenizer(self.source_dir)
         self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         self.data = data if data is not None else load_task_data(cfg.task)
@@ -182,13 +182,7 @@ class FinetuneTrainer(Trainer):
         self.state = TrainState()
         if self.resume_from is not None:
             self._restore(self.resume_from, universal)
-        self.metrics = MetricsWriter(self.run_dir / "tensorboard", ctx.rank == 0 and cfg.log.tensorboard)
-        from model.flops import flops_per_token
-
-        self.flops_per_token = flops_per_token(self.model_cfg, self.seq_len)
-        self.peak_tflops = device_peak_tflops(ctx.device, cfg.train.precision, cfg.log.peak_tflops)
-        self._val_warned = False
-        self.model_state_gb: float | None = None
+        self._init_metrics()
         self.last_dev: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------- build
@@ -405,8 +399,7 @@ class FinetuneTrainer(Trainer):
                       "examples": {s: len(self.data.split(s)) for s in ("train", "dev", "test")}}
             (self.run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
             with open(self.run_dir / "predictions_test.jsonl", "w", encoding="utf-8") as f:
-                for p in preds:
-                    f.write(json.dumps(p, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
             shown = " ".join(f"{k}={v:.4g}" for k, v in test.items())
             log.info("test: %s (metrics.json, predictions_test.jsonl in %s)", shown, self.run_dir)
         dist.barrier()

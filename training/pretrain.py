@@ -153,12 +153,7 @@ class Trainer:
     """Owns the engine, loaders, state and run directory for one pretraining run."""
 
     def __init__(self, cfg: PretrainConfig, ctx: DistContext) -> None:
-        self.cfg, self.ctx = cfg, ctx
-        self.run_dir = Path(cfg.run_dir)
-        self.faults = FaultInjection.from_env()
-        self.preempt = PreemptionFlag().install()
-        self.bad_steps = BadStepPolicy(cfg.train.max_bad_steps)
-        self.spikes = LossSpikeDetector(cfg.log.loss_spike_factor)
+        self._init_runtime(cfg, ctx)
         self.loader = build_train_data(cfg, ctx)
         self.seq_len = int(self.loader.seq_len)
         self.model_cfg = build_model_config(cfg, int(self.loader.vocab_size), self.seq_len)
@@ -179,6 +174,20 @@ class Trainer:
         self.state = TrainState()
         if self.resume_from is not None:
             self._restore(self.resume_from, universal)
+        self._init_metrics()
+
+    def _init_runtime(self, cfg: Any, ctx: DistContext) -> None:
+        """Run directory, fault handling and signals (shared with the fine-tune trainer)."""
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.run_dir)
+        self.faults = FaultInjection.from_env()
+        self.preempt = PreemptionFlag().install()
+        self.bad_steps = BadStepPolicy(cfg.train.max_bad_steps)
+        self.spikes = LossSpikeDetector(cfg.log.loss_spike_factor)
+
+    def _init_metrics(self) -> None:
+        """TensorBoard writer, FLOPs per token and device peak for MFU (needs model_cfg, seq_len)."""
+        cfg, ctx = self.cfg, self.ctx
         self.metrics = MetricsWriter(self.run_dir / "tensorboard", ctx.rank == 0 and cfg.log.tensorboard)
         self.flops_per_token = _flops_per_token(self.model_cfg, self.seq_len)
         self.peak_tflops = device_peak_tflops(ctx.device, cfg.train.precision, cfg.log.peak_tflops)

@@ -59,7 +59,7 @@ class TaskConfig(Section):
     """n (in tokens) of the n-gram overlap check between evaluation sets and pretraining shards."""
 
     @model_validator(mode="after")
-    def _check(self) -> "TaskConfig":
+    def _check(self) -> TaskConfig:
         formats = {
             "classification": ("csv", "tsv", "jsonl"),
             "token_classification": ("conll", "jsonl"),
