@@ -7,6 +7,7 @@ how often the two implementations make the same keep/drop decision (and the same
 
     python bench/clean.py --data ../shared/data            # web + news sets
     python bench/clean.py --data ../shared/data --limit 500 --extract
+    python bench/clean.py --data ../shared/data --executors   # local vs Ray, whole stage, 2 CPUs
 
 Needs the ``bench`` extra (datatrove + spaCy): ``pip install -e .[bench]``.
 """
@@ -173,6 +174,46 @@ def bench_extract(data: Path, limit: int) -> None:
     print(f"word-set Jaccard between the two extractors: mean {sum(overlap) / max(len(overlap), 1):.2f}")
 
 
+def bench_executors(data: Path, sets: list[str], repeat: int) -> None:
+    """The whole cleaning stage with executor=local (2 worker processes) and executor=ray (a
+    2-CPU Ray instance started once, untimed), alternately; wall time and identical output."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from data_pipeline.clean import run_clean
+    from data_pipeline.config import DataPrepConfig
+
+    sources = [src for name in sets for src in SETS[name]]
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    times: dict[str, list[float]] = {"local": [], "ray": []}
+    outputs: dict[str, dict[str, bytes]] = {}
+    stats: dict = {}
+    try:
+        for _ in range(repeat):
+            for executor in ("local", "ray"):
+                out = Path(tempfile.mkdtemp(prefix=f"bench-clean-{executor}-"))
+                cfg = DataPrepConfig(input=str(data), output=str(out / "clean"), executor=executor, workers=2,
+                                     data=CleanConfig(sources=sources))
+                start = time.perf_counter()
+                stats = run_clean(cfg)
+                times[executor].append(time.perf_counter() - start)
+                outputs[executor] = {p.name: p.read_bytes() for p in sorted((out / "clean").glob("docs-*.tar"))}
+                outputs[executor]["stats.json"] = (out / "clean" / "stats.json").read_bytes()
+                shutil.rmtree(out)
+    finally:
+        ray.shutdown()
+    n = stats["documents_read"]
+    print(f"\n== cleaning stage on 2 CPUs: {stats['inputs']['files']} input files, {n} documents "
+          f"(median of {repeat} alternating runs, wall time; Ray start-up not counted)")
+    for executor, ts in times.items():
+        t = statistics.median(ts)
+        print(f"{executor:<6} {n / t:10.1f} docs/s  ({t:.2f} s; runs {', '.join(f'{x:.2f}' for x in ts)})")
+    print(f"speed ratio (ray / local): {statistics.median(times['local']) / statistics.median(times['ray']):.2f}x")
+    print(f"identical shards and stats.json: {outputs['local'] == outputs['ray']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
@@ -182,7 +223,12 @@ def main() -> None:
     parser.add_argument("--show-diff", type=int, default=0, help="print the N most common disagreements")
     parser.add_argument("--repeat", type=int, default=3, help="alternating timed runs per side (median reported)")
     parser.add_argument("--extract", action="store_true", help="also compare resiliparse and trafilatura")
+    parser.add_argument("--executors", action="store_true",
+                        help="only compare the whole stage on executor=local and executor=ray (2 CPUs each)")
     args = parser.parse_args()
+    if args.executors:
+        bench_executors(args.data, args.sets, args.repeat)
+        return
     for name in args.sets:
         report(name, load_documents(args.data, name, args.limit), args.show_diff, args.repeat)
     if args.extract:
