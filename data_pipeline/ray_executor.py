@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -37,6 +38,7 @@ def connect(cfg: RayConfig) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
     if cfg.address:
+        _check_reachable(cfg.address)
         kwargs["address"] = cfg.address
     elif cfg.num_cpus:
         kwargs["num_cpus"] = cfg.num_cpus
@@ -46,6 +48,18 @@ def connect(cfg: RayConfig) -> None:
         raise ConfigError(f"ray.address={cfg.address!r}: cannot connect to a Ray cluster ({exc}); "
                           "start one with `ray start --head` or fix the address") from None
     log.info("Ray: %s CPUs in the cluster", ray.cluster_resources().get("CPU", 0))
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a wrong ``host:port`` (Ray itself keeps retrying for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"ray.address={address!r}: nothing answers there ({exc}); start the cluster with "
+                          "`ray start --head` or fix the address (auto: the cluster on this node)") from None
 
 
 class RayExecutor:

@@ -103,7 +103,7 @@ def make_killer(marker_dir: Path, victim: int):
     """A ``process_input`` whose first attempt at input ``victim`` kills its own worker process
     after a few documents (partial files on disk); every attempt is recorded in ``marker_dir``."""
     def kill_once_mid_task(task):
-        import data_pipeline.clean as clean
+        from data_pipeline import clean
 
         index = task[1].index
         attempts = marker_dir / f"{index}.attempts"
