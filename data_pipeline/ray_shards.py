@@ -17,6 +17,10 @@ from data_pipeline.packing import is_validation, token_dtype
 from data_pipeline.ray_config import RayConfig
 from data_pipeline.tokenizer_config import ShardConfig
 
+ORDERED_WINDOW = 16
+"""Default clean shards encoded ahead of the writer; each result holds one clean shard's token ids
+in the object store (about half its text size at uint16)."""
+
 _SP: dict[str, object] = {}
 
 
@@ -59,5 +63,8 @@ def encode_on_ray(paths: list[Path], tokenizer_dir: str, cfg: ShardConfig,
     task_cfg = cfg.model_copy(update={"workers": max(int(ray_cfg.cpus_per_task), 1)}).model_dump_json()
     tokenizer = str(Path(tokenizer_dir).resolve())
     tasks = [(str(Path(p).resolve()), tokenizer, task_cfg) for p in paths]
-    for ids, lengths, flags, n_split in RayExecutor(ray_cfg).map_ordered(encode_clean_shard, tasks):
+    executor = RayExecutor(ray_cfg)
+    if not ray_cfg.max_in_flight:  # the driver packs and writes one shard at a time: a few ahead suffice
+        executor.window = min(executor.window, ORDERED_WINDOW)
+    for ids, lengths, flags, n_split in executor.map_ordered(encode_clean_shard, tasks):
         yield np.split(ids, np.cumsum(lengths)[:-1]) if len(lengths) else [], flags.tolist(), n_split
