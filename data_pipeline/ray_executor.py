@@ -56,7 +56,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     if address == "auto" or not host or not port.isdigit():
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise ConfigError(f"ray.address={address!r}: nothing answers there ({exc}); start the cluster with "
                           "`ray start --head` or fix the address (auto: the cluster on this node)") from None
