@@ -95,13 +95,14 @@ def exact_reduce(task: tuple[str, int, int]) -> np.ndarray:
 
 def band_map(task: tuple[list[tuple[str, int]], int, str, int, int, int, str]) -> int:
     inputs, part, folder, buckets, bands, rows_per_band, exact_dropped = task
-    dropped = np.load(exact_dropped, allow_pickle=False)
+    dropped = np.load(exact_dropped, mmap_mode="r", allow_pickle=False)  # sorted global indices
     sink = _BucketFiles(Path(folder), part, buckets)
     try:
         for sig_file, offset in inputs:
             sigs = load_rows(Path(sig_file), np.uint32, bands * rows_per_band)
             index = np.arange(offset, offset + len(sigs), dtype=np.int64)
-            alive = ~np.isin(index, dropped)
+            lo, hi = np.searchsorted(dropped, [offset, offset + len(sigs)])
+            alive = ~np.isin(index, dropped[lo:hi])
             _band_rows(sink, sigs[alive], index[alive].astype(np.uint64), bands, rows_per_band, buckets)
     finally:
         sink.close()
