@@ -56,8 +56,9 @@ def main() -> None:
         majority = run_one(task, "pretrained", args.seeds[0], args, extra)["test"].get("majority_rate")
         summary[task] = {"metric": metric, **row, "majority_rate": majority, "steps": args.steps, "seeds": args.seeds}
         fmt = lambda r: f"{r['mean']:.3f} +- {r['std']:.3f}"
-        print(f"{task:<15}{metric:<10}{fmt(row['pretrained']):>20}{fmt(row['random']):>20}"
-              f"{majority if majority is None else f'{majority:.3f}':>10}", flush=True)
+        shown = "-" if majority is None else f"{majority:.3f}"
+        print(f"{task:<15}{metric:<10}{fmt(row['pretrained']):>20}{fmt(row['random']):>20}{shown:>10}",
+              flush=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
