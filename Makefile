@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The main job end to end on the bundled sample (reuses completed stages; see runs/demo/report.md)
 demo: $(STAMP)
