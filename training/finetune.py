@@ -30,7 +30,6 @@ from crucible.runtime import setup_logging
 from training import checkpoint as ckpt
 from training.deepspeed_config import build_deepspeed_config, check_device_support, resolve_batch
 from training.engine import DistContext, init_distributed
-from training.metrics import mfu, peak_memory_gb
 from training.optim import SkippingAdamW, lr_at, param_groups
 from training.pretrain import (
     EXIT_COLLECTIVE_FAILED,
@@ -268,22 +267,8 @@ class FinetuneTrainer(Trainer):
         dist.all_reduce(total)
         mean_loss = total.item() / global_labels
         skipped = bool(getattr(self.optimizer, "last_step_skipped", False)) or not self.engine.was_step_applied()
-        self.bad_steps.record(step, skipped, mean_loss, grad_norm)
-        self.state.step += 1
-        self.state.skipped_steps = self.bad_steps.total_skipped
-        self.state.consumed_samples += self.plan.global_batch_size
-        self.state.consumed_tokens += int(counts[2].item())
-        step_time = time.perf_counter() - start
-        tokens_per_second = counts[2].item() / step_time
-        return {
-            "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-            "train/tokens_per_second": tokens_per_second,
-            "train/mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_tflops, self.ctx.world_size),
-            "train/data_wait_fraction": data_wait / step_time, "train/step_time": step_time,
-            "train/memory_gb": peak_memory_gb(self.ctx.device),
-            "train/skipped_steps": float(self.state.skipped_steps),
-            "_stop": counts[1].item() > 0,
-        }
+        return self._finish_step(step, lr, mean_loss, grad_norm, skipped, int(counts[2].item()),
+                                 time.perf_counter() - start, data_wait, stop=counts[1].item() > 0)
 
     # ------------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -350,13 +350,20 @@ class Trainer:
                 and self.cfg.optim.implementation == "deepspeed":
             log.error("step %d: non-finite loss/gradient norm with DeepSpeed's own optimizer, which "
                       "cannot skip the step; use optim.implementation=torch", step)
+        return self._finish_step(step, lr, mean_loss, grad_norm, skipped,
+                                 self.plan.global_batch_size * self.seq_len, step_time, data_wait,
+                                 stop=stats[2].item() > 0)
+
+    def _finish_step(self, step: int, lr: float, mean_loss: float, grad_norm: float, skipped: bool,
+                     tokens: int, step_time: float, data_wait: float, stop: bool) -> dict[str, float]:
+        """Advance the state by one optimizer step and return its metrics (shared with fine-tuning)."""
         self.bad_steps.record(step, skipped, mean_loss, grad_norm)
         self.state.step += 1
         self.state.skipped_steps = self.bad_steps.total_skipped
         self.state.consumed_samples += self.plan.global_batch_size
-        self.state.consumed_tokens += self.plan.global_batch_size * self.seq_len
+        self.state.consumed_tokens += tokens
         self.spikes.update(step, mean_loss)
-        tokens_per_second = self.plan.global_batch_size * self.seq_len / step_time
+        tokens_per_second = tokens / step_time
         return {
             "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
             "train/tokens_per_second": tokens_per_second,
@@ -364,7 +371,7 @@ class Trainer:
             "train/data_wait_fraction": data_wait / step_time, "train/step_time": step_time,
             "train/memory_gb": peak_memory_gb(self.ctx.device),
             "train/skipped_steps": float(self.state.skipped_steps),
-            "_stop": stats[2].item() > 0,
+            "_stop": stop,
         }
 
     def evaluate(self) -> dict[str, float] | None:
