@@ -345,33 +345,29 @@ class Reader:
             if text:
                 yield self.doc(text, lineno)
 
-    def _read_capped(self, stream: IO[bytes]) -> bytes | None:
-        data = stream.read(self.max_doc_bytes + 1)
-        return None if len(data) > self.max_doc_bytes else data
+    def _whole_file(self) -> tuple[bytes | None, list[Record]]:
+        """The file's bytes (at most data.max_doc_bytes), or the error records that replace it."""
+        with open_binary(self.inp.path) as stream:
+            bad = self._sniffed(stream)
+            if bad is not None:
+                return None, list(bad)
+            data = stream.read(self.max_doc_bytes + 1)
+        if len(data) > self.max_doc_bytes:
+            return None, [self.error("document_too_large", 0,
+                                     f"file is larger than data.max_doc_bytes={self.max_doc_bytes}")]
+        return data, []
 
     def _text_file(self) -> Iterator[Record]:
-        with open_binary(self.inp.path) as stream:
-            bad = self._sniffed(stream)
-            if bad is not None:
-                yield from bad
-                return
-            data = self._read_capped(stream)
-        if data is None:
-            yield self.error("document_too_large", 0, f"file is larger than data.max_doc_bytes={self.max_doc_bytes}")
-            return
-        yield self.doc(decode_text(data, self.fallbacks), 0, id_=self.inp.name)
+        data, errors = self._whole_file()
+        yield from errors
+        if data is not None:
+            yield self.doc(decode_text(data, self.fallbacks), 0, id_=self.inp.name)
 
     def _html(self) -> Iterator[Record]:
-        with open_binary(self.inp.path) as stream:
-            bad = self._sniffed(stream)
-            if bad is not None:
-                yield from bad
-                return
-            data = self._read_capped(stream)
-        if data is None:
-            yield self.error("document_too_large", 0, f"file is larger than data.max_doc_bytes={self.max_doc_bytes}")
-            return
-        yield self.doc("", 0, id_=self.inp.name, html=data)
+        data, errors = self._whole_file()
+        yield from errors
+        if data is not None:
+            yield self.doc("", 0, id_=self.inp.name, html=data)
 
     # ---------------------------------------------------------------- tables
 
