@@ -48,12 +48,10 @@ def build_stages(run: Path, args: argparse.Namespace) -> list[Stage]:
     data_cfg = "configs/data/sample.yaml"
     vocab = f"tokenizer.vocab_size={args.vocab_size}"
 
-    def last_metrics(path: Path) -> dict:
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-        out: dict = {}
-        for row in rows:
-            out.update({k: v for k, v in row.items() if isinstance(v, (int, float))})
-        return out
+    def shards_summary() -> str:
+        m = _json(data / "shards" / "manifest.json")
+        return (f"{m['totals']['train']['samples']} train samples of {m['seq_len']} tokens, "
+                f"{m['totals']['validation']['samples']} validation")
 
     def pretrain_done() -> bool:
         latest = pre / "latest.json"
@@ -88,10 +86,7 @@ def build_stages(run: Path, args: argparse.Namespace) -> list[Stage]:
         Stage("shards", [py, "launcher/shard.py", "--config", data_cfg, vocab, f"input={data / 'clean'}",
                          f"tokenizer_dir={data / 'tokenizer'}", f"output={data / 'shards'}"],
               lambda: (data / "shards" / "manifest.json").is_file(),
-              lambda: "{samples} train samples of {seq} tokens, {val} validation".format(
-                  samples=_json(data / "shards" / "manifest.json")["totals"]["train"]["samples"],
-                  seq=_json(data / "shards" / "manifest.json")["seq_len"],
-                  val=_json(data / "shards" / "manifest.json")["totals"]["validation"]["samples"])),
+              shards_summary),
         Stage("pretrain", [ds, "--num_gpus", "2", "--master_port", str(args.master_port), "launcher/pretrain.py",
                            "--config", "configs/pretrain/cpu_demo.yaml",
                            f"data.manifests=[{data / 'shards' / 'manifest.json'}]", f"run_dir={pre}",
