@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from crucible.errors import ConfigError
+from crucible.fileio import atomic_write_text
 
 T = TypeVar("T", bound="Section")
 
@@ -156,10 +157,7 @@ def dump_config(cfg: BaseModel) -> str:
 
 def save_config(cfg: BaseModel, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_config(cfg), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, dump_config(cfg))
     return path
 
 

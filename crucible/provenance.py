@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 import crucible
 from crucible.config import config_to_dict, save_config
+from crucible.fileio import atomic_write_json
 
 LIBRARIES = ("torch", "deepspeed", "transformers", "sentencepiece", "webdataset", "datasets")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +70,5 @@ def write_provenance(output_dir: str | Path, cfg: BaseModel | None = None) -> di
     if cfg is not None:
         save_config(cfg, out / "config.yaml")
     prov = provenance(cfg)
-    tmp = out / "provenance.json.tmp"
-    tmp.write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(out / "provenance.json")
+    atomic_write_json(out / "provenance.json", prov)
     return prov
