@@ -43,10 +43,10 @@ def build_pair(preset: str, vocab_size: int, seed: int):
 
     from model.config import ModelConfig, resolve_model_config
     from model.hf import to_hf_config, to_hf_state_dict
-    from model.transformer import build_model
+    from model.transformer import build_transformer
 
     cfg = resolve_model_config(ModelConfig(preset=preset), vocab_size=vocab_size)
-    ours = build_model(cfg, seed=seed).train()
+    ours = build_transformer(cfg, seed=seed).train()
     hf_cfg = LlamaConfig(**{k: v for k, v in to_hf_config(cfg).items()
                             if k not in ("architectures", "model_type", "dtype", "rope_theta")})
     hf_cfg._attn_implementation = "sdpa"

@@ -282,8 +282,8 @@ class Transformer(nn.Module):
         return self.norm(x)  # (B, T, C)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
-                dtype: torch.dtype | None = None) -> Transformer:
+def build_transformer(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
+                      dtype: torch.dtype | None = None) -> Transformer:
     """A model with initialised weights on ``device`` (``seed`` given: seeded torch RNG)."""
     if seed is not None:
         torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import torch
 from model.config import ModelConfig, resolve_model_config
 from model.generate import SamplingConfig, filter_logits, generate
 from model.io import save_model_dir
-from model.transformer import build_model
+from model.transformer import build_transformer
 from tests.test_hf import train_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ PAD = 3
 @pytest.fixture(scope="module")
 def model():
     cfg = resolve_model_config(ModelConfig(preset="tiny", init_std=0.1), vocab_size=VOCAB)
-    return build_model(cfg, seed=0).eval()
+    return build_transformer(cfg, seed=0).eval()
 
 
 def _prompts(lengths=(5, 17, 1, 9), seed=1) -> list[list[int]]:
@@ -47,7 +47,7 @@ def test_greedy_batch_matches_hf_generate(tmp_path, tie, theta):
 
     cfg = resolve_model_config(ModelConfig(preset="tiny", init_std=0.1, tie_embeddings=tie,
                                            rope_theta=theta), vocab_size=VOCAB)
-    ours = build_model(cfg, seed=5).eval()
+    ours = build_transformer(cfg, seed=5).eval()
     save_model_dir(tmp_path / "m", ours.state_dict(), cfg)
     export_hf(tmp_path / "m", tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="sdpa").eval()
@@ -116,7 +116,7 @@ def test_bad_sampling_settings():
 def test_generate_launcher(tmp_path):
     tok_dir = train_tiny_tokenizer(tmp_path / "tok")
     cfg = resolve_model_config(ModelConfig(preset="tiny"), vocab_size=VOCAB)
-    save_model_dir(tmp_path / "m", build_model(cfg, seed=0).state_dict(), cfg, tokenizer_dir=tok_dir)
+    save_model_dir(tmp_path / "m", build_transformer(cfg, seed=0).state_dict(), cfg, tokenizer_dir=tok_dir)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The fire\nPrime Minister John Howard said\n", encoding="utf-8")
     cmd = [sys.executable, str(ROOT / "launcher/generate.py"), "--model", str(tmp_path / "m"),

@@ -18,7 +18,7 @@ from model.hf import (
     to_hf_state_dict,
 )
 from model.io import load_model_dir, save_model_dir
-from model.transformer import build_model
+from model.transformer import build_transformer
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 VOCAB = 512
@@ -68,7 +68,7 @@ def _tokens(seed: int = 0, shape=(3, 48)) -> torch.Tensor:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_ours_to_hf_logits_equal(tmp_path, tokenizer_dir, name):
     cfg = tiny(**CONFIGS[name])
-    ours = build_model(cfg, seed=1).eval()
+    ours = build_transformer(cfg, seed=1).eval()
     save_model_dir(tmp_path / "m", ours.state_dict(), cfg, tokenizer_dir=tokenizer_dir)
     export_hf(tmp_path / "m", tmp_path / "hf")
     hf = hf_model(tmp_path / "hf")
@@ -107,7 +107,7 @@ def test_hf_to_ours_logits_equal(tmp_path, name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_round_trip_ours_hf_ours_is_bit_identical(tmp_path, name):
     cfg = tiny(**CONFIGS[name])
-    ours = build_model(cfg, seed=3)
+    ours = build_transformer(cfg, seed=3)
     save_model_dir(tmp_path / "m", ours.state_dict(), cfg)
     export_hf(tmp_path / "m", tmp_path / "hf")
     back, back_cfg = load_model_dir(tmp_path / "hf")
@@ -142,7 +142,7 @@ def test_rope_uses_hf_rotate_half_layout():
 
 def test_sharded_export_loads(tmp_path, tokenizer_dir):
     cfg = tiny()
-    ours = build_model(cfg, seed=4).eval()
+    ours = build_transformer(cfg, seed=4).eval()
     save_model_dir(tmp_path / "m", ours.state_dict(), cfg, tokenizer_dir=tokenizer_dir)
     export_hf(tmp_path / "m", tmp_path / "hf", max_shard_bytes=150_000)
     shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
@@ -158,7 +158,7 @@ def test_sharded_export_loads(tmp_path, tokenizer_dir):
 
 def test_export_bf16(tmp_path):
     cfg = tiny()
-    ours = build_model(cfg, seed=5)
+    ours = build_transformer(cfg, seed=5)
     save_model_dir(tmp_path / "m", ours.state_dict(), cfg)
     export_hf(tmp_path / "m", tmp_path / "hf", dtype="bfloat16")
     back, back_cfg = load_model_dir(tmp_path / "hf")
@@ -171,7 +171,7 @@ def test_exported_tokenizer_matches_sentencepiece(tmp_path, tokenizer_dir):
     from transformers import AutoTokenizer
 
     cfg = tiny()
-    save_model_dir(tmp_path / "m", build_model(cfg, seed=0).state_dict(), cfg, tokenizer_dir=tokenizer_dir)
+    save_model_dir(tmp_path / "m", build_transformer(cfg, seed=0).state_dict(), cfg, tokenizer_dir=tokenizer_dir)
     assert (tmp_path / "m" / "tokenizer.model").is_file()
     export_hf(tmp_path / "m", tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -196,7 +196,7 @@ def test_export_copies_hf_tokenizer_files_when_present(tmp_path, tokenizer_dir):
 
     write_hf_tokenizer(tokenizer_dir, hf_tok_dir)  # tokenizer.json + tokenizer_config.json
     cfg = tiny()
-    save_model_dir(tmp_path / "m", build_model(cfg, seed=0).state_dict(), cfg, tokenizer_dir=hf_tok_dir)
+    save_model_dir(tmp_path / "m", build_transformer(cfg, seed=0).state_dict(), cfg, tokenizer_dir=hf_tok_dir)
     assert (tmp_path / "m" / "tokenizer.json").is_file()
     export_hf(tmp_path / "m", tmp_path / "hf")
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (hf_tok_dir / "tokenizer.json").read_bytes()
@@ -220,7 +220,7 @@ def test_unsupported_hf_configs_are_refused(patch, match):
 
 def test_pickled_hf_weights_are_refused(tmp_path):
     cfg = tiny()
-    save_model_dir(tmp_path / "m", build_model(cfg, seed=0).state_dict(), cfg)
+    save_model_dir(tmp_path / "m", build_transformer(cfg, seed=0).state_dict(), cfg)
     export_hf(tmp_path / "m", tmp_path / "hf")
     (tmp_path / "hf" / "model.safetensors").unlink()
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not loaded")
@@ -230,7 +230,7 @@ def test_pickled_hf_weights_are_refused(tmp_path):
 
 def test_hf_names_cover_every_tensor_both_ways():
     cfg = tiny()
-    sd = build_model(cfg, seed=0).state_dict()
+    sd = build_transformer(cfg, seed=0).state_dict()
     hf = to_hf_state_dict(sd, cfg)
     assert len(hf) == len(sd) and "model.layers.1.self_attn.k_proj.weight" in hf
     assert hf["model.layers.1.self_attn.k_proj.weight"].shape == (cfg.kv_heads * cfg.head_dim, cfg.dim)

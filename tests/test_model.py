@@ -13,7 +13,7 @@ from crucible.errors import ConfigError, DataError
 from model.config import ModelConfig, resolve_model_config
 from model.flops import flops_per_token, num_params
 from model.io import load_model_dir, save_model_dir
-from model.transformer import Transformer, build_model
+from model.transformer import Transformer, build_transformer
 
 
 def tiny(**kw) -> ModelConfig:
@@ -80,7 +80,7 @@ def test_num_params_matches_module(name, tie):
 @pytest.mark.parametrize("name,seq_len", [("tiny", 64), ("cpu-small", 32)])
 def test_flops_per_token_matches_flop_counter(name, seq_len):
     cfg = resolve_model_config(ModelConfig(preset=name), 512)
-    model = build_model(cfg, seed=0)
+    model = build_transformer(cfg, seed=0)
     tokens = torch.randint(0, cfg.vocab_size, (2, seq_len))
     counter = FlopCounterMode(display=False)
     # The CPU flash kernel is not registered with the counter; the math kernel is made of
@@ -113,7 +113,7 @@ def test_meta_then_init_weights_equals_direct_construction(tie):
 
 def test_init_distribution():
     cfg = resolve_model_config(ModelConfig(preset="cpu-small", init_std=0.05), 4096)
-    model = build_model(cfg, seed=0)
+    model = build_transformer(cfg, seed=0)
     block = model.layers[0]
     scaled = 0.05 / math.sqrt(2 * cfg.n_layers)
     assert block.attn.wq.weight.std().item() == pytest.approx(0.05, rel=0.02)
@@ -122,13 +122,13 @@ def test_init_distribution():
     assert block.attn.wo.weight.std().item() == pytest.approx(scaled, rel=0.02)
     assert model.lm_head.weight.std().item() == pytest.approx(0.05, rel=0.02)
     assert torch.equal(block.attn_norm.weight, torch.ones(cfg.dim))
-    flat = build_model(cfg.model_copy(update={"init_depth_scaled": False}), seed=0)
+    flat = build_transformer(cfg.model_copy(update={"init_depth_scaled": False}), seed=0)
     assert flat.layers[0].mlp.w_down.weight.std().item() == pytest.approx(0.05, rel=0.02)
 
 
 def test_forward_shape_and_causality():
     cfg = tiny()
-    model = build_model(cfg, seed=0)
+    model = build_transformer(cfg, seed=0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 20))
     logits = model(tokens)
     assert logits.shape == (2, 20, cfg.vocab_size)
@@ -140,8 +140,8 @@ def test_forward_shape_and_causality():
 
 
 def test_rope_theta_changes_the_model():
-    a = build_model(tiny(), seed=0)
-    b = build_model(tiny(rope_theta=500.0), seed=0)
+    a = build_transformer(tiny(), seed=0)
+    b = build_transformer(tiny(rope_theta=500.0), seed=0)
     tokens = torch.randint(0, 384, (1, 16))
     assert torch.equal(a(tokens)[:, 0], b(tokens)[:, 0])  # position 0 is not rotated
     assert not torch.allclose(a(tokens)[:, 1:], b(tokens)[:, 1:])
@@ -150,7 +150,7 @@ def test_rope_theta_changes_the_model():
 def test_activation_checkpointing_gives_same_gradients():
     grads = []
     for ckpt in (False, True):
-        model = build_model(tiny(activation_checkpointing=ckpt), seed=0).train()
+        model = build_transformer(tiny(activation_checkpointing=ckpt), seed=0).train()
         tokens = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
         model(tokens).float().logsumexp(-1).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -164,7 +164,7 @@ def test_activation_checkpointing_gives_same_gradients():
 @pytest.mark.parametrize("tie", [False, True])
 def test_model_dir_round_trip_is_bit_exact(tmp_path, tie):
     cfg = tiny(tie_embeddings=tie, rope_theta=20000.0)
-    model = build_model(cfg, seed=0)
+    model = build_transformer(cfg, seed=0)
     out = save_model_dir(tmp_path / "m", model.state_dict(), cfg, provenance={"origin": "test"})
     assert json.loads((out / "provenance.json").read_text()) == {"origin": "test"}
     assert ModelConfig.model_validate_json((out / "model_config.json").read_text()) == cfg
@@ -183,7 +183,7 @@ def test_model_dir_round_trip_is_bit_exact(tmp_path, tie):
 
 def test_save_rejects_mismatched_state_dict(tmp_path):
     cfg = tiny()
-    sd = build_model(cfg, seed=0).state_dict()
+    sd = build_transformer(cfg, seed=0).state_dict()
     with pytest.raises(ValueError, match="missing.*layers.1"):
         save_model_dir(tmp_path, {k: v for k, v in sd.items() if not k.startswith("layers.1.")}, cfg)
     with pytest.raises(ValueError, match="unexpected.*module.embed"):
@@ -203,7 +203,7 @@ def test_find_model_dir_in_run_and_checkpoint_dirs(tmp_path):
 
     cfg = tiny()
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
-    save_model_dir(ckpt / "model", build_model(cfg, seed=0).state_dict(), cfg, provenance={})
+    save_model_dir(ckpt / "model", build_transformer(cfg, seed=0).state_dict(), cfg, provenance={})
     assert find_model_dir(ckpt) == ckpt / "model"
     (tmp_path / "run" / "latest.json").write_text(json.dumps(
         {"tag": "step_00000010", "step": 10, "model_dir": "/moved/away/model"}))
