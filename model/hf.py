@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from crucible.errors import DataError
+from crucible.fileio import atomic_path, atomic_write_json
 from model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -276,13 +277,12 @@ def export_weights(weights: Path, out: Path, cfg: ModelConfig,
         for name, tensor in _iter_tensors(weights, names):
             tensors[to_hf_key(name)] = tensor.to(dtype) if dtype is not None else tensor
             weight_map[to_hf_key(name)] = file
-        tmp = out / (file + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / file)
+        with atomic_path(out / file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         del tensors
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (out / HF_INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(out / HF_INDEX_FILE, index, indent=2, sort_keys=True)
     return files
 
 
@@ -308,16 +308,19 @@ def _special_ids(model_dir: Path) -> tuple[int | None, int | None, int | None]:
     return 1, 2, 3
 
 
+def _copy_file(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def write_hf_tokenizer(model_dir: Path, out: Path) -> None:
     """Hugging Face tokenizer files in ``out``: copied when the model directory has them
     (``tokenizer.json``), else converted from its sentencepiece ``tokenizer.model``."""
-    import shutil
-
     if (model_dir / "tokenizer.json").is_file():
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                      "tokenizer.model", "added_tokens.json"):
             if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, out / name)
+                _copy_file(model_dir / name, out / name)
         return
     if not (model_dir / "tokenizer.model").is_file():
         raise DataError(
@@ -339,8 +342,8 @@ def write_hf_tokenizer(model_dir: Path, out: Path) -> None:
     config_file = out / "tokenizer_config.json"
     tok_config = json.loads(config_file.read_text(encoding="utf-8"))
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_file.write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
-    shutil.copyfile(model_dir / "tokenizer.model", out / "tokenizer.model")
+    atomic_write_json(config_file, tok_config, indent=2, sort_keys=False)
+    _copy_file(model_dir / "tokenizer.model", out / "tokenizer.model")
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30,
@@ -361,10 +364,10 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, max_shard_bytes: int =
     export_weights(weights, out, cfg, max_shard_bytes, torch_dtype)
     has_tokenizer = (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()
     bos, eos, pad = _special_ids(model_dir)
-    (out / "config.json").write_text(json.dumps(to_hf_config(cfg, bos, eos, pad), indent=2) + "\n")
-    (out / EXPORTED_CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    atomic_write_json(out / "config.json", to_hf_config(cfg, bos, eos, pad), indent=2, sort_keys=False)
+    atomic_write_json(out / EXPORTED_CONFIG_FILE, cfg.model_dump(mode="json"), indent=2, sort_keys=False)
     gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    atomic_write_json(out / "generation_config.json", gen, indent=2, sort_keys=False)
     if has_tokenizer:
         write_hf_tokenizer(model_dir, out)
     else:

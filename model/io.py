@@ -14,7 +14,6 @@ safetensors), for continued pretraining from public weights. Nothing here unpick
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from crucible.errors import DataError
+from crucible.fileio import atomic_path, atomic_write_json
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -35,12 +35,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json", "added_tokens.json",
 )
 TIED_KEY = "lm_head.weight"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def expected_keys(cfg: ModelConfig) -> list[str]:
@@ -82,17 +76,16 @@ def save_model_dir(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = _clean_state_dict(state_dict, cfg)
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
-    _atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(out / CONFIG_FILE, cfg.model_dump(mode="json"), indent=2, sort_keys=False)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
     if provenance is None:
         from crucible.provenance import provenance as make_provenance
 
         provenance = make_provenance(cfg)
-    _atomic_write_text(out / PROVENANCE_FILE, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / PROVENANCE_FILE, provenance, indent=2, sort_keys=True)
     return out
 
 
@@ -107,8 +100,8 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, dst / (name + ".tmp"))
-            os.replace(dst / (name + ".tmp"), dst / name)
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
             copied.append(name)
     return copied
 

@@ -13,7 +13,6 @@ Export writes the matching Hugging Face class (``LlamaForSequenceClassification`
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from crucible.errors import DataError
+from crucible.fileio import atomic_path, atomic_write_json
 from model.config import ModelConfig
 from model.heads import _Head, build_head
 from model.io import model_from_state_dict, read_model_config, save_model_dir
@@ -54,12 +54,9 @@ def save_task_dir(path: str | Path, state_dict: Mapping[str, torch.Tensor], cfg:
     out = Path(path)
     backbone, head = split_head_state(state_dict)
     save_model_dir(out, backbone, cfg, tokenizer_dir=tokenizer_dir, provenance=provenance)
-    tmp = out / (HEAD_FILE + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, str(tmp))
-    os.replace(tmp, out / HEAD_FILE)
-    tmp = out / (TASK_FILE + ".tmp")
-    tmp.write_text(json.dumps(task, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out / TASK_FILE)
+    with atomic_path(out / HEAD_FILE) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, str(tmp))
+    atomic_write_json(out / TASK_FILE, task, indent=2, sort_keys=True)
     return out
 
 
@@ -117,7 +114,8 @@ def export_task_hf(task_dir: str | Path, out_dir: str | Path) -> Path:
     state.update(load_file(str(task_dir / HEAD_FILE)))
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in to_hf_task_state_dict(state, cfg, task["kind"]).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = to_hf_config(cfg, task.get("bos_id"), task.get("eos_id"), task["pad_id"])
     config["architectures"] = [HF_CLASSES[task["kind"]]]
     config["tie_word_embeddings"] = False  # the task classes have no output embedding to tie
@@ -131,6 +129,6 @@ def export_task_hf(task_dir: str | Path, out_dir: str | Path) -> Path:
         config["problem_type"] = {"single_label": "single_label_classification",
                                   "multi_label": "multi_label_classification",
                                   "regression": "regression"}[task.get("problem_type", "single_label")]
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_json(out / "config.json", config, indent=2, sort_keys=False)
     write_hf_tokenizer(task_dir, out)
     return out
