@@ -42,7 +42,7 @@ def build_pair(preset: str, vocab_size: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model.config import ModelConfig, resolve_model_config
-    from model.hf import to_hf_config, to_hf_state_dict
+    from model.hf_mapping import to_hf_config, to_hf_state_dict
     from model.transformer import build_transformer
 
     cfg = resolve_model_config(ModelConfig(preset=preset), vocab_size=vocab_size)

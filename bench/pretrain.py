@@ -80,7 +80,7 @@ def hf_llama_loop(manifest: Path, args: argparse.Namespace, steps: int) -> dict[
     from data_pipeline.loader import build_train_loader
     from data_pipeline.loader_config import LoaderConfig
     from model.config import ModelConfig, resolve_model_config
-    from model.hf import to_hf_config
+    from model.hf_mapping import to_hf_config
 
     loader = build_train_loader(LoaderConfig(manifests=[str(manifest)]), args.batch_size, 0, 1)
     cfg = resolve_model_config(ModelConfig(preset=PRESET), vocab_size=loader.vocab_size)

@@ -46,7 +46,7 @@ def _build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from model.hf import export_hf, import_hf
+    from model.convert import export_hf, import_hf
     from model.io import find_model_dir
 
     out: Path = args.output

@@ -8,12 +8,15 @@
     provenance.json        where the weights came from (code, library versions, config)
 
 :func:`load_model_dir` also reads a Hugging Face Llama directory (``config.json`` +
-safetensors), for continued pretraining from public weights. Nothing here unpickles.
+safetensors, see :func:`read_hf_dir`), for continued pretraining from public weights; writing
+one, and importing one into a model directory, is :mod:`model.convert`. Nothing here unpickles:
+pickled ``pytorch_model.bin`` files are refused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +27,10 @@ import torch
 from crucible.errors import DataError
 from crucible.fileio import atomic_path, atomic_write_json
 from model.config import ModelConfig
+from model.hf_mapping import from_hf_config, from_hf_state_dict
 from model.transformer import Transformer
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -35,6 +41,12 @@ TOKENIZER_FILES = (
     "special_tokens_map.json", "added_tokens.json",
 )
 TIED_KEY = "lm_head.weight"
+# A Hugging Face Llama directory: its config, the index of sharded weights, and the record of our
+# own config that an export by this package adds (read back on import).
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
+HF_INDEX_FILE = "model.safetensors.index.json"
+EXPORTED_CONFIG_FILE = "crucible_model_config.json"
 
 
 def expected_keys(cfg: ModelConfig) -> list[str]:
@@ -145,7 +157,7 @@ def find_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise DataError(f"{path} does not exist or is not a directory (pass a model directory, "
                         "a Hugging Face Llama directory or a run directory)")
-    if is_model_dir(path) or (path / "config.json").is_file():
+    if is_model_dir(path) or (path / HF_CONFIG_FILE).is_file():
         return path
     if is_model_dir(path / "model"):
         return path / "model"
@@ -170,6 +182,59 @@ def find_model_dir(path: str | Path) -> Path:
     return path
 
 
+def _config_shape(cfg: ModelConfig) -> tuple:
+    return (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden_dim,
+            cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings)
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    index = path / HF_INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / HF_WEIGHTS_FILE).is_file():
+        return [path / HF_WEIGHTS_FILE]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise DataError(
+            f"{path} holds only pickled PyTorch weights, which are never loaded (they can run "
+            "code); convert them to safetensors first (e.g. save_pretrained(..., "
+            "safe_serialization=True) in a trusted environment)"
+        )
+    raise DataError(f"{path} has {HF_CONFIG_FILE} but no {HF_WEIGHTS_FILE} or {HF_INDEX_FILE}")
+
+
+def read_hf_dir(path: str | Path, device: torch.device | str = "cpu"
+                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Our config and state dict (our tensor names) from a Hugging Face Llama directory."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        hf_cfg = json.loads((path / HF_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path / HF_CONFIG_FILE}: {exc}") from None
+    cfg = from_hf_config(hf_cfg)
+    ours = path / EXPORTED_CONFIG_FILE
+    if ours.is_file():  # exported by us: keep the preset and init settings of the record
+        recorded = ModelConfig.model_validate_json(ours.read_text(encoding="utf-8"))
+        if _config_shape(recorded) == _config_shape(cfg):
+            cfg = recorded
+        else:
+            log.warning("%s disagrees with config.json (edited?); using config.json", ours)
+    hf_state: dict[str, torch.Tensor] = {}
+    for file in _hf_weight_files(path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
+                hf_state[key] = f.get_tensor(key)
+    state = from_hf_state_dict(hf_state, cfg)
+    del hf_state
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in state and "embed.weight" in state:
+        raise DataError(f"{path}: lm_head.weight is missing and tie_word_embeddings is false")
+    return cfg, state
+
+
 def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, ModelConfig]:
     """Load a model directory (or a Hugging Face Llama directory, or the latest model of a run
     directory: see :func:`find_model_dir`) into a :class:`Transformer`."""
@@ -182,9 +247,7 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
         if not weights.is_file():
             raise DataError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
         state_dict = load_file(str(weights), device=str(device))
-    elif (path / "config.json").is_file():
-        from model.hf import read_hf_dir
-
+    elif (path / HF_CONFIG_FILE).is_file():
         cfg, state_dict = read_hf_dir(path, device=device)
     else:
         raise DataError(

@@ -22,8 +22,17 @@ import torch
 from crucible.errors import DataError
 from crucible.fileio import atomic_path, atomic_write_json
 from model.config import ModelConfig
+from model.convert import write_hf_tokenizer
 from model.heads import _Head, build_head
-from model.io import model_from_state_dict, read_model_config, save_model_dir
+from model.hf_mapping import to_hf_config, to_hf_state_dict
+from model.io import (
+    HF_CONFIG_FILE,
+    HF_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    model_from_state_dict,
+    read_model_config,
+    save_model_dir,
+)
 
 TASK_FILE = "task.json"
 HEAD_FILE = "head.safetensors"
@@ -75,7 +84,7 @@ def load_task_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple
     path = Path(path)
     task = read_task(path)
     cfg = read_model_config(path)
-    backbone = model_from_state_dict(cfg, load_file(str(path / "model.safetensors"), device=str(device)), device)
+    backbone = model_from_state_dict(cfg, load_file(str(path / WEIGHTS_FILE), device=str(device)), device)
     head = build_head(task["kind"], backbone, len(task.get("labels") or []) or 1, task["pad_id"],
                       task.get("problem_type", "single_label"))
     head_state = load_file(str(path / HEAD_FILE), device=str(device))
@@ -90,8 +99,6 @@ def load_task_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple
 def to_hf_task_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, kind: str
                           ) -> dict[str, torch.Tensor]:
     """Hugging Face tensor names of a head module's state dict (the causal-LM head is dropped)."""
-    from model.hf import to_hf_state_dict
-
     backbone, head = split_head_state(state_dict)
     hf = to_hf_state_dict(backbone, cfg)
     hf.pop("lm_head.weight", None)
@@ -105,16 +112,14 @@ def export_task_hf(task_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a Hugging Face directory of the matching ``LlamaFor...`` class with tokenizer."""
     from safetensors.torch import load_file, save_file
 
-    from model.hf import to_hf_config, write_hf_tokenizer
-
     task_dir, out = Path(task_dir), Path(out_dir)
     task = read_task(task_dir)
     cfg = read_model_config(task_dir)
-    state = {f"model.{k}": v for k, v in load_file(str(task_dir / "model.safetensors")).items()}
+    state = {f"model.{k}": v for k, v in load_file(str(task_dir / WEIGHTS_FILE)).items()}
     state.update(load_file(str(task_dir / HEAD_FILE)))
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in to_hf_task_state_dict(state, cfg, task["kind"]).items()}
-    with atomic_path(out / "model.safetensors") as tmp:
+    with atomic_path(out / HF_WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = to_hf_config(cfg, task.get("bos_id"), task.get("eos_id"), task["pad_id"])
     config["architectures"] = [HF_CLASSES[task["kind"]]]
@@ -129,6 +134,6 @@ def export_task_hf(task_dir: str | Path, out_dir: str | Path) -> Path:
         config["problem_type"] = {"single_label": "single_label_classification",
                                   "multi_label": "multi_label_classification",
                                   "regression": "regression"}[task.get("problem_type", "single_label")]
-    atomic_write_json(out / "config.json", config, indent=2, sort_keys=False)
+    atomic_write_json(out / HF_CONFIG_FILE, config, indent=2, sort_keys=False)
     write_hf_tokenizer(task_dir, out)
     return out

@@ -43,7 +43,7 @@ def test_kv_cache_matches_full_forward(model):
 def test_greedy_batch_matches_hf_generate(tmp_path, tie, theta):
     from transformers import AutoModelForCausalLM
 
-    from model.hf import export_hf
+    from model.convert import export_hf
 
     cfg = resolve_model_config(ModelConfig(preset="tiny", init_std=0.1, tie_embeddings=tie,
                                            rope_theta=theta), vocab_size=VOCAB)

@@ -9,15 +9,9 @@ import torch
 
 from crucible.errors import DataError
 from model.config import ModelConfig, resolve_model_config
-from model.hf import (
-    export_hf,
-    from_hf_config,
-    from_hf_state_dict,
-    read_hf_dir,
-    to_hf_key,
-    to_hf_state_dict,
-)
-from model.io import load_model_dir, save_model_dir
+from model.convert import export_hf, write_hf_tokenizer
+from model.hf_mapping import from_hf_config, from_hf_state_dict, to_hf_key, to_hf_state_dict
+from model.io import load_model_dir, read_hf_dir, save_model_dir
 from model.transformer import build_transformer
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -192,8 +186,6 @@ def test_export_copies_hf_tokenizer_files_when_present(tmp_path, tokenizer_dir):
 
     hf_tok_dir = tmp_path / "tok"
     shutil.copytree(tokenizer_dir, hf_tok_dir)
-    from model.hf import write_hf_tokenizer
-
     write_hf_tokenizer(tokenizer_dir, hf_tok_dir)  # tokenizer.json + tokenizer_config.json
     cfg = tiny()
     save_model_dir(tmp_path / "m", build_transformer(cfg, seed=0).state_dict(), cfg, tokenizer_dir=hf_tok_dir)
