@@ -23,7 +23,7 @@ from crucible.errors import DataError
 from crucible.fileio import atomic_path, atomic_write_json
 from model.config import ModelConfig
 from model.convert import write_hf_tokenizer
-from model.heads import _Head, build_head
+from model.heads import TaskHead, build_head, head_class
 from model.hf_mapping import to_hf_config, to_hf_state_dict
 from model.io import (
     HF_CONFIG_FILE,
@@ -36,11 +36,6 @@ from model.io import (
 
 TASK_FILE = "task.json"
 HEAD_FILE = "head.safetensors"
-HF_CLASSES = {
-    "classification": "LlamaForSequenceClassification",
-    "token_classification": "LlamaForTokenClassification",
-    "qa": "LlamaForQuestionAnswering",
-}
 
 
 def is_task_dir(path: str | Path) -> bool:
@@ -77,7 +72,7 @@ def read_task(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text(encoding="utf-8"))
 
 
-def load_task_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[_Head, dict[str, Any]]:
+def load_task_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[TaskHead, dict[str, Any]]:
     """The head module with its fine-tuned weights, and the task description."""
     from safetensors.torch import load_file
 
@@ -102,7 +97,7 @@ def to_hf_task_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConf
     backbone, head = split_head_state(state_dict)
     hf = to_hf_state_dict(backbone, cfg)
     hf.pop("lm_head.weight", None)
-    prefix = "transformer." if kind == "qa" else "model."
+    prefix = head_class(kind).hf_backbone_prefix
     out = {prefix + k.removeprefix("model."): v for k, v in hf.items()}
     out.update(head)
     return out
@@ -114,6 +109,7 @@ def export_task_hf(task_dir: str | Path, out_dir: str | Path) -> Path:
 
     task_dir, out = Path(task_dir), Path(out_dir)
     task = read_task(task_dir)
+    head_type = head_class(task["kind"])
     cfg = read_model_config(task_dir)
     state = {f"model.{k}": v for k, v in load_file(str(task_dir / WEIGHTS_FILE)).items()}
     state.update(load_file(str(task_dir / HEAD_FILE)))
@@ -122,18 +118,10 @@ def export_task_hf(task_dir: str | Path, out_dir: str | Path) -> Path:
     with atomic_path(out / HF_WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = to_hf_config(cfg, task.get("bos_id"), task.get("eos_id"), task["pad_id"])
-    config["architectures"] = [HF_CLASSES[task["kind"]]]
+    config["architectures"] = [head_type.hf_class]
     config["tie_word_embeddings"] = False  # the task classes have no output embedding to tie
-    labels = task.get("labels") or []
-    if task["kind"] != "qa":
-        config["num_labels"] = len(labels) or 1
-        if labels:
-            config["id2label"] = {str(i): name for i, name in enumerate(labels)}
-            config["label2id"] = {name: i for i, name in enumerate(labels)}
-    if task["kind"] == "classification":
-        config["problem_type"] = {"single_label": "single_label_classification",
-                                  "multi_label": "multi_label_classification",
-                                  "regression": "regression"}[task.get("problem_type", "single_label")]
+    config.update(head_type.hf_config_fields(task.get("labels") or [],
+                                             task.get("problem_type", "single_label")))
     atomic_write_json(out / HF_CONFIG_FILE, config, indent=2, sort_keys=False)
     write_hf_tokenizer(task_dir, out)
     return out

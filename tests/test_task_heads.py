@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.heads import build_head, last_non_pad_index
+from model.heads import HEAD_KINDS, HEADS, build_head, last_non_pad_index
 from model.task_io import export_task_hf, load_task_dir, save_task_dir
 from model.transformer import Transformer
 from tests.datasets import shared_token_dataset
@@ -20,9 +20,9 @@ def tok_dir(tmp_path_factory):
 
 
 def _cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    base.update(kw)
-    return ModelConfig(**base)
+    base = {"vocab_size": 512, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+            "max_seq_len": 64}
+    return ModelConfig(**{**base, **kw})
 
 
 def _batch() -> torch.Tensor:
@@ -78,6 +78,16 @@ def test_causal_padding_does_not_change_real_tokens():
     tokens = _batch()
     short = tokens[1:2, :5]
     assert torch.allclose(head(tokens)[1], head(short)[0], atol=1e-6)
+
+
+def test_each_head_kind_is_built_by_its_registered_class():
+    assert HEAD_KINDS == ("classification", "token_classification", "qa")
+    backbone = Transformer(_cfg())
+    for kind in HEAD_KINDS:
+        head = build_head(kind, backbone, 3, PAD)
+        assert type(head) is HEADS[kind] and head.kind == kind
+    with pytest.raises(ValueError, match="unknown head kind 'ner'.*classification"):
+        build_head("ner", backbone, 3, PAD)
 
 
 HF = {"classification": "LlamaForSequenceClassification",
