@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from data_pipeline.config import (
+from data_pipeline.clean.config import (
     C4Config,
     CleanConfig,
     ExtractConfig,
@@ -30,14 +30,15 @@ from data_pipeline.config import (
     NormalizeConfig,
     SourceConfig,
 )
-from data_pipeline.documents import Document, ReadError
-from data_pipeline.extract import extract_html
-from data_pipeline.filters.c4 import c4_filter
-from data_pipeline.filters.fineweb import fineweb_filter
-from data_pipeline.filters.gopher import gopher_quality, gopher_repetition
-from data_pipeline.filters.text import split_words
-from data_pipeline.normalize import normalize_text
-from data_pipeline.readers import expand_inputs, read_input, source_config
+from data_pipeline.clean.documents import Document, ReadError
+from data_pipeline.clean.extract import extract_html
+from data_pipeline.clean.filters.c4 import c4_filter
+from data_pipeline.clean.filters.fineweb import fineweb_filter
+from data_pipeline.clean.filters.gopher import gopher_quality, gopher_repetition
+from data_pipeline.clean.filters.text import split_words
+from data_pipeline.clean.normalize import normalize_text
+from data_pipeline.clean.readers.inputs import expand_inputs, source_config
+from data_pipeline.clean.readers.registry import read_input
 
 SETS = {
     "web": [SourceConfig(name="web", path="web/dolma_cc")],
@@ -182,7 +183,7 @@ def bench_executors(data: Path, sets: list[str], repeat: int) -> None:
 
     import ray
 
-    from data_pipeline.clean import run_clean
+    from data_pipeline.clean.stage import run_clean
     from data_pipeline.config import DataPrepConfig
 
     sources = [src for name in sets for src in SETS[name]]

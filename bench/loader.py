@@ -31,8 +31,8 @@ import torch
 def build_manifest(text: Path, mb: float, work: Path, seq_len: int) -> Path:
     import shard as shard_bench  # bench/shard.py
 
-    from data_pipeline.shards import write_token_shards
-    from data_pipeline.tokenizer_config import ShardConfig
+    from data_pipeline.shards.config import ShardConfig
+    from data_pipeline.shards.writer import write_token_shards
 
     texts = shard_bench.corpus(text, mb)
     tok = shard_bench.ensure_tokenizer(texts, None, work, 8000)
@@ -42,8 +42,8 @@ def build_manifest(text: Path, mb: float, work: Path, seq_len: int) -> Path:
 
 
 def time_ours(manifest: Path, batch: int, n_batches: int, workers: int) -> float:
-    from data_pipeline.loader import build_train_loader
-    from data_pipeline.loader_config import LoaderConfig
+    from data_pipeline.loader.config import LoaderConfig
+    from data_pipeline.loader.train import build_train_loader
 
     loader = build_train_loader(LoaderConfig(manifests=[str(manifest)], num_workers=workers), batch, 0, 1)
     it = iter(loader)
@@ -76,8 +76,9 @@ def time_webdataset(manifest: Path, batch: int, n_batches: int) -> float:
 
 
 def time_startup(manifest: Path, entries: int, work: Path) -> float:
-    from data_pipeline.loader import EpochOrder, build_train_loader
-    from data_pipeline.loader_config import LoaderConfig
+    from data_pipeline.loader.config import LoaderConfig
+    from data_pipeline.loader.order import EpochOrder
+    from data_pipeline.loader.train import build_train_loader
 
     data = json.loads(manifest.read_text())
     real = data["splits"]["train"]

@@ -77,8 +77,8 @@ def hf_llama_loop(manifest: Path, args: argparse.Namespace, steps: int) -> dict[
     """Plain PyTorch loop over LlamaForCausalLM; returns median tokens/s and final loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from data_pipeline.loader import build_train_loader
-    from data_pipeline.loader_config import LoaderConfig
+    from data_pipeline.loader.config import LoaderConfig
+    from data_pipeline.loader.train import build_train_loader
     from model.config import ModelConfig, resolve_model_config
     from model.hf_mapping import to_hf_config
 

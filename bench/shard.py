@@ -59,8 +59,8 @@ def corpus(folder: Path, megabytes: float) -> list[str]:
 
 
 def ensure_tokenizer(texts: list[str], tokenizer: Path | None, work: Path, vocab: int) -> Path:
-    from data_pipeline.tokenizer import train_tokenizer
-    from data_pipeline.tokenizer_config import TokenizerConfig
+    from data_pipeline.tokenizer.config import TokenizerConfig
+    from data_pipeline.tokenizer.train import train_tokenizer
 
     if tokenizer is not None:
         return tokenizer
@@ -77,8 +77,8 @@ def time_limit(sp, texts: list[str], batch: int, threads: int) -> float:
 
 
 def time_ours(texts: list[str], tok: Path, out: Path, batch: int, threads: int, seq_len: int) -> float:
-    from data_pipeline.shards import write_token_shards
-    from data_pipeline.tokenizer_config import ShardConfig
+    from data_pipeline.shards.config import ShardConfig
+    from data_pipeline.shards.writer import write_token_shards
 
     cfg = ShardConfig(seq_len=seq_len, workers=threads, batch_documents=batch)
     start = time.perf_counter()

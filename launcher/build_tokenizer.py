@@ -18,7 +18,7 @@ from data_pipeline.config import DataPrepConfig
 
 def run(cfg: DataPrepConfig, args) -> int:
     setup_logging()
-    from data_pipeline.tokenizer import run_build_tokenizer
+    from data_pipeline.tokenizer.stage import run_build_tokenizer
 
     report = run_build_tokenizer(cfg)
     keys = ("vocab_size", "training_documents", "bytes_per_token", "tokens_per_word",

@@ -14,8 +14,8 @@ from data_pipeline.config import DataPrepConfig
 
 def run(cfg: DataPrepConfig, args) -> int:
     setup_logging()
-    from data_pipeline.clean import run_clean
-    from data_pipeline.report import summary_table
+    from data_pipeline.clean.report import summary_table
+    from data_pipeline.clean.stage import run_clean
 
     stats = run_clean(cfg)
     print(summary_table(stats), file=sys.stderr)

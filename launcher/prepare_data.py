@@ -17,7 +17,7 @@ from data_pipeline.config import DataPrepConfig
 
 def run(cfg: DataPrepConfig, args) -> int:
     setup_logging()
-    from data_pipeline.shards import run_prepare_data
+    from data_pipeline.stages import run_prepare_data
 
     print(json.dumps(run_prepare_data(cfg)), file=sys.stderr)
     return 0

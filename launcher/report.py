@@ -18,7 +18,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from data_pipeline.report import plot_funnel, summary_table
+    from data_pipeline.clean.report import plot_funnel, summary_table
 
     stats_path = Path(args.run_dir) / "stats.json"
     if not stats_path.is_file():

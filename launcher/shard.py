@@ -15,7 +15,7 @@ from data_pipeline.config import DataPrepConfig
 
 def run(cfg: DataPrepConfig, args) -> int:
     setup_logging()
-    from data_pipeline.shards import run_shard
+    from data_pipeline.shards.stage import run_shard
 
     manifest = run_shard(cfg)
     totals = {s: manifest["totals"][s] for s in ("train", "validation")}

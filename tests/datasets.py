@@ -46,9 +46,11 @@ def make_token_dataset(
 
     Idempotent: returns at once when the manifest already exists.
     """
-    from data_pipeline.shards import write_token_shards
-    from data_pipeline.tokenizer import is_complete, train_tokenizer
-    from data_pipeline.tokenizer_config import ShardConfig, TokenizerConfig
+    from data_pipeline.shards.config import ShardConfig
+    from data_pipeline.shards.writer import write_token_shards
+    from data_pipeline.tokenizer.config import TokenizerConfig
+    from data_pipeline.tokenizer.folder import is_complete
+    from data_pipeline.tokenizer.train import train_tokenizer
 
     out_dir = Path(out_dir)
     manifest = out_dir / "shards" / "manifest.json"

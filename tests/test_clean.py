@@ -16,11 +16,12 @@ import pytest
 
 from crucible.config import load_config
 from crucible.errors import ConfigError, DataError
-from data_pipeline import clean as clean_mod
-from data_pipeline.clean import is_complete, run_clean
+from data_pipeline.clean import stage as clean_stage
+from data_pipeline.clean.filters.pii import EMAIL
+from data_pipeline.clean.output import is_complete
+from data_pipeline.clean.stage import run_clean
+from data_pipeline.clean.stats import invariant_holds
 from data_pipeline.config import DataPrepConfig
-from data_pipeline.filters.pii import EMAIL
-from data_pipeline.stats import invariant_holds
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
@@ -143,7 +144,7 @@ def test_worker_count_and_rerun_determinism(corpus, reference, tmp_path):
 
 def test_complete_output_is_not_redone(reference, monkeypatch):
     out, _ = reference
-    monkeypatch.setattr(clean_mod, "expand_inputs", lambda *a: pytest.fail("inputs re-read"))
+    monkeypatch.setattr(clean_stage, "expand_inputs", lambda *a: pytest.fail("inputs re-read"))
     cfg = load_config(DataPrepConfig, out / "config.yaml")
     assert run_clean(cfg)["documents_kept"] > 0
 
@@ -177,13 +178,13 @@ def test_killed_run_resumes_without_redoing_finished_inputs(tmp_path, reference,
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {int(p.name[:6]) for p in work.glob("*.done.json")}
-    n_inputs = len(clean_mod.expand_inputs(cfg.data, cfg.input)[0])
+    n_inputs = len(clean_stage.expand_inputs(cfg.data, cfg.input)[0])
     assert 2 <= len(finished) < n_inputs, "the run must be killed with inputs finished and others pending"
     assert not is_complete(out)
 
     processed: list[int] = []
-    real = clean_mod.process_input
-    monkeypatch.setattr(clean_mod, "process_input", lambda task: processed.append(task[1].index) or real(task))
+    real = clean_stage.process_input
+    monkeypatch.setattr(clean_stage, "process_input", lambda task: processed.append(task[1].index) or real(task))
     stats = run_clean(corpus_config(corpus, out, "workers=1"))
     assert stats["resumed_inputs"] == len(finished)
     assert not set(processed) & finished and set(processed) | finished == set(range(n_inputs))

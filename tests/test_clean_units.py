@@ -8,12 +8,14 @@ import pytest
 
 from crucible.config import load_config
 from crucible.errors import ConfigError
-from data_pipeline.clean import _extract
-from data_pipeline.config import CleanConfig, DataPrepConfig, ExtractConfig
-from data_pipeline.documents import Document
-from data_pipeline.executor import InlineExecutor, LocalExecutor, build_executor
-from data_pipeline.extract import ExtractTimeout, ExtractTooLarge, extract_html, time_limit
-from data_pipeline.report import funnel, summary_table
+from data_pipeline.clean.config import CleanConfig, ExtractConfig
+from data_pipeline.clean.documents import Document
+from data_pipeline.clean.extract import ExtractTimeout, ExtractTooLarge, extract_html, time_limit
+from data_pipeline.clean.process import extract_document
+from data_pipeline.clean.report import funnel, summary_table
+from data_pipeline.config import DataPrepConfig
+from data_pipeline.executors.base import build_executor
+from data_pipeline.executors.local import InlineExecutor, LocalExecutor
 
 PAGE = (b"<html><head><title>t</title><script>var x = 1;</script></head><body>"
         b"<nav><a href='/'>Home</a> | <a href='/about'>About</a></nav>"
@@ -33,7 +35,7 @@ def test_oversized_html_is_not_parsed():
     with pytest.raises(ExtractTooLarge, match="max_html_bytes"):
         extract_html(b"<p>" + b"x" * 2000 + b"</p>", ExtractConfig(max_html_bytes=1000))
     doc = Document("d", "", "web", html=b"<p>" + b"x" * 2000, file="f.warc", offset=7)
-    err = _extract(doc, CleanConfig(extract=ExtractConfig(max_html_bytes=1000)), {})
+    err = extract_document(doc, CleanConfig(extract=ExtractConfig(max_html_bytes=1000)), {})
     assert (err.kind, err.file, err.offset) == ("extract_too_large", "f.warc", 7) and doc.html is None
 
 
@@ -78,8 +80,8 @@ def test_funnel_follows_pipeline_order():
 
 
 def test_stats_accounting_and_error_examples():
-    from data_pipeline.documents import ReadError
-    from data_pipeline.stats import Stats, check_invariant
+    from data_pipeline.clean.documents import ReadError
+    from data_pipeline.clean.stats import Stats, check_invariant
 
     a, b = Stats(), Stats()
     for i in range(30):
@@ -101,15 +103,15 @@ def test_stats_accounting_and_error_examples():
 
 
 def test_document_chain_keeps_prose_and_redacts_pii(sample_dir):
-    from data_pipeline.clean import _clean_document
-    from data_pipeline.filters import FilterChain
+    from data_pipeline.clean.filters.chain import FilterChain
+    from data_pipeline.clean.process import clean_document
 
     cfg = CleanConfig()
     chain = FilterChain(cfg)
     article = (sample_dir / "news/lee_abc/lee_background.cor").read_text().splitlines()[0]
     doc = Document("a", article + " Write to press@abc.net.au for details.", "news")
-    assert _clean_document(doc, cfg, chain) is None
+    assert clean_document(doc, cfg, chain) is None
     assert doc.language == "en" and "press@abc.net.au" not in doc.text and "email@example.com" in doc.text
-    assert _clean_document(Document("b", " \n\t ", "news"), cfg, chain) == "empty.too_short"
+    assert clean_document(Document("b", " \n\t ", "news"), cfg, chain) == "empty.too_short"
     short = CleanConfig(output={"min_chars": 10})
-    assert _clean_document(Document("c", "123456789", "news"), short, chain) == "empty.too_short"
+    assert clean_document(Document("c", "123456789", "news"), short, chain) == "empty.too_short"

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from data_pipeline.tario import atomic_tar_writer
+from data_pipeline.clean.output import atomic_tar_writer
 from training.tasks.contamination import contamination_report, ngram_hashes
 
 

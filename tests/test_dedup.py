@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from data_pipeline.config import DedupConfig
-from data_pipeline.dedup import MinHasher, exact_hash, find_duplicates
+from data_pipeline.clean.config import DedupConfig
+from data_pipeline.clean.dedup import MinHasher, exact_hash, find_duplicates
 
 VOCAB = [f"w{i}" for i in range(5000)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.config import (
+from data_pipeline.clean.config import (
     C4Config,
     CleanConfig,
     FineWebConfig,
@@ -15,16 +15,16 @@ from data_pipeline.config import (
     PiiConfig,
     UrlFilterConfig,
 )
-from data_pipeline.documents import Document
-from data_pipeline.filters import FilterChain
-from data_pipeline.filters.c4 import c4_filter
-from data_pipeline.filters.fineweb import fineweb_filter
-from data_pipeline.filters.gopher import gopher_quality, gopher_repetition
-from data_pipeline.filters.pii import redact_pii
-from data_pipeline.filters.text import count_sentences, split_words
-from data_pipeline.filters.urls import UrlBlocklist
-from data_pipeline.langid import detect_language, language_verdict
-from data_pipeline.normalize import normalize_text
+from data_pipeline.clean.documents import Document
+from data_pipeline.clean.filters.c4 import c4_filter
+from data_pipeline.clean.filters.chain import FilterChain
+from data_pipeline.clean.filters.fineweb import fineweb_filter
+from data_pipeline.clean.filters.gopher import gopher_quality, gopher_repetition
+from data_pipeline.clean.filters.pii import redact_pii
+from data_pipeline.clean.filters.text import count_sentences, split_words
+from data_pipeline.clean.filters.urls import UrlBlocklist
+from data_pipeline.clean.langid import detect_language, language_verdict
+from data_pipeline.clean.normalize import normalize_text
 
 QUALITY_OFF = dict(min_doc_words=0, max_doc_words=0, min_avg_word_length=0, max_avg_word_length=0,
                    max_symbol_word_ratio=0, max_bullet_lines_ratio=0, max_ellipsis_lines_ratio=0,
@@ -247,20 +247,20 @@ def _reference_top(words: list[str], n: int) -> int:
 def test_fast_ngram_counts_equal_the_plain_walk(seed):
     import random
 
-    from data_pipeline.filters.gopher import (
-        _duplicated_ngram_chars,
-        _NgramIndex,
-        _PlainNgrams,
-        _top_ngram_chars,
+    from data_pipeline.clean.filters.repeats import (
+        NgramIndex,
+        PlainNgrams,
+        duplicated_ngram_chars,
+        top_ngram_chars,
     )
 
     rng = random.Random(seed)
     vocab = ["a", "bb", "ccc", "dd", "e", "fff"][: rng.randint(1, 6)]
     words = [rng.choice(vocab) for _ in range(rng.randint(0, 60))]
-    index, plain = _NgramIndex(words), _PlainNgrams(words)
+    index, plain = NgramIndex(words), PlainNgrams(words)
     for n in range(2, 11):
-        assert _duplicated_ngram_chars(index, n) == _reference_duplicated(words, n) == plain.duplicated(n)
-        assert _top_ngram_chars(index, n) == _reference_top(words, n) == plain.top(n)
+        assert duplicated_ngram_chars(index, n) == _reference_duplicated(words, n) == plain.duplicated(n)
+        assert top_ngram_chars(index, n) == _reference_top(words, n) == plain.top(n)
 
 
 def test_hostile_chunks_split_in_linear_time():
@@ -273,7 +273,7 @@ def test_hostile_chunks_split_in_linear_time():
 
 
 def test_symbol_words_and_punctuation_tokens():
-    from data_pipeline.filters.text import is_punct_token, is_symbol_word
+    from data_pipeline.clean.filters.text import is_punct_token, is_symbol_word
 
     assert is_symbol_word("...") and is_symbol_word("|") and is_symbol_word("$")
     assert not is_symbol_word("😀") and not is_symbol_word("©") and not is_symbol_word("a.")

@@ -31,7 +31,7 @@ VOLATILE_MANIFEST_KEYS = ("provenance",)
 def prepare(out: Path) -> Path:
     from crucible.config import load_config
     from data_pipeline.config import DataPrepConfig
-    from data_pipeline.shards import run_prepare_data
+    from data_pipeline.stages import run_prepare_data
 
     cfg = load_config(DataPrepConfig, ROOT / "configs" / "data" / "sample.yaml",
                       [f"input={ROOT / 'data' / 'sample'}", f"output={out}", *OVERRIDES])

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from crucible.errors import DataError
-from data_pipeline.loader import ShardError, build_eval_loader, build_train_loader
-from data_pipeline.loader_config import LoaderConfig
-from data_pipeline.shards import write_token_shards
-from data_pipeline.tokenizer_config import ShardConfig
+from data_pipeline.loader.config import LoaderConfig
+from data_pipeline.loader.evaluation import build_eval_loader
+from data_pipeline.loader.reading import ShardError
+from data_pipeline.loader.train import build_train_loader
+from data_pipeline.shards.config import ShardConfig
+from data_pipeline.shards.writer import write_token_shards
 from tests.datasets import read_split_samples, sample_texts, shared_token_dataset
 
 

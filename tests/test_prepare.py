@@ -11,7 +11,7 @@ import pytest
 
 from crucible.config import load_config
 from data_pipeline.config import DataPrepConfig
-from data_pipeline.shards import run_prepare_data
+from data_pipeline.stages import run_prepare_data
 from tests.datasets import sample_texts
 from tests.test_shards import write_clean_shards
 
@@ -69,8 +69,8 @@ def test_shard_stage_killed_midway_then_rerun_is_byte_identical(tmp_path, tmp_pa
     import signal
     import time
 
-    from data_pipeline.shards import run_shard
-    from data_pipeline.tario import sha256_file
+    from crucible.fileio import sha256_file
+    from data_pipeline.shards.stage import run_shard
     from tests.datasets import shared_token_dataset
 
     manifest = shared_token_dataset(tmp_path_factory)

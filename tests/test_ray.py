@@ -11,11 +11,11 @@ import pytest
 
 from crucible.config import load_config
 from crucible.errors import DataError
-from data_pipeline import clean as clean_mod
-from data_pipeline.clean import run_clean
+from data_pipeline.clean import stage as clean_stage
+from data_pipeline.clean.stage import run_clean
+from data_pipeline.clean.stats import invariant_holds
 from data_pipeline.config import DataPrepConfig
-from data_pipeline.shards import run_prepare_data
-from data_pipeline.stats import invariant_holds
+from data_pipeline.stages import run_prepare_data
 
 ray = pytest.importorskip("ray")
 
@@ -103,14 +103,14 @@ def make_killer(marker_dir: Path, victim: int):
     """A ``process_input`` whose first attempt at input ``victim`` kills its own worker process
     after a few documents (partial files on disk); every attempt is recorded in ``marker_dir``."""
     def kill_once_mid_task(task):
-        from data_pipeline import clean
+        from data_pipeline.clean import process
 
         index = task[1].index
         attempts = marker_dir / f"{index}.attempts"
         with open(attempts, "a") as f:
             f.write(f"{os.getpid()}\n")
         if index == victim and len(attempts.read_text().splitlines()) == 1:
-            real, seen = clean._process_document, [0]
+            real, seen = process.process_document, [0]
 
             def dying(*args, **kwargs):
                 seen[0] += 1
@@ -118,8 +118,8 @@ def make_killer(marker_dir: Path, victim: int):
                     os._exit(1)
                 return real(*args, **kwargs)
 
-            clean._process_document = dying
-        return clean.process_input(task)
+            process.process_document = dying
+        return process.process_input(task)
 
     return kill_once_mid_task
 
@@ -141,7 +141,7 @@ def test_worker_killed_mid_task_is_retried_and_output_unchanged(tmp_path, monkey
     corpus, expected = reference
     markers = tmp_path / "attempts"
     markers.mkdir()
-    monkeypatch.setattr(clean_mod, "process_input", make_killer(markers, victim=2))
+    monkeypatch.setattr(clean_stage, "process_input", make_killer(markers, victim=2))
     stats = run_clean(corpus_config(corpus, tmp_path / "out", "executor=ray", "ray.max_retries=2"))
     attempts = {int(p.name.split(".")[0]): p.read_text().split() for p in markers.glob("*.attempts")}
     assert len(attempts[2]) == 2 and attempts[2][0] != attempts[2][1]  # Ray reran it in a new worker
@@ -157,7 +157,7 @@ def test_job_dies_after_the_per_file_tasks_then_resumes(tmp_path, monkeypatch, r
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(clean_mod, "_find_duplicates", die)
+    monkeypatch.setattr(clean_stage, "find_run_duplicates", die)
     with pytest.raises(KeyboardInterrupt):
         run_clean(cfg)
     monkeypatch.undo()

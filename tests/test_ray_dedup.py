@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from data_pipeline.config import DedupConfig
-from data_pipeline.dedup import MinHasher, exact_hash, find_duplicates
-from data_pipeline.executor import InlineExecutor, LocalExecutor
-from data_pipeline.ray_dedup import find_duplicates_shuffled
+from data_pipeline.clean.config import DedupConfig
+from data_pipeline.clean.dedup import MinHasher, exact_hash, find_duplicates
+from data_pipeline.clean.dedup_ray import find_duplicates_shuffled
+from data_pipeline.executors.local import InlineExecutor, LocalExecutor
 
 VOCAB = [f"w{i}" for i in range(3000)]
 

@@ -11,15 +11,11 @@ import pytest
 import zstandard
 
 from crucible.errors import DataError
-from data_pipeline.config import CleanConfig, SourceConfig
-from data_pipeline.documents import Document, ReadError
-from data_pipeline.readers import (
-    decode_text,
-    detect_format,
-    expand_inputs,
-    read_input,
-    source_config,
-)
+from data_pipeline.clean.config import CleanConfig, SourceConfig
+from data_pipeline.clean.documents import Document, ReadError
+from data_pipeline.clean.readers.inputs import expand_inputs, source_config
+from data_pipeline.clean.readers.registry import detect_format, read_input
+from data_pipeline.clean.readers.streams import decode_text
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 JSONL = [{"id": f"d{i}", "text": f"document number {i}", "url": f"http://x.org/{i}"} for i in range(5)]
@@ -200,3 +196,13 @@ def test_malformed_warc(tmp_path):
     q.write_bytes(good[: len(good) // 2])
     recs = _read(q)
     assert len(recs) >= 1  # whatever survives is a document or a counted error, never a crash
+
+
+def test_every_configurable_format_has_one_reader():
+    from typing import get_args
+
+    from data_pipeline.clean.config import InputFormat
+    from data_pipeline.clean.readers.registry import FORMAT_BY_EXTENSION, READERS
+
+    assert sorted(READERS) == sorted(set(get_args(InputFormat)) - {"auto"})
+    assert set(FORMAT_BY_EXTENSION.values()) <= set(READERS)

@@ -11,12 +11,14 @@ import sentencepiece as spm
 
 from crucible.config import load_config
 from crucible.errors import ConfigError, DataError
+from crucible.fileio import sha256_file
+from data_pipeline.clean.output import atomic_tar_writer, iter_clean_documents
 from data_pipeline.config import DataPrepConfig
-from data_pipeline.manifest import load_manifest, verify_shards
-from data_pipeline.packing import Packer, is_validation, split_text, token_dtype
-from data_pipeline.shards import iter_clean_documents, run_shard, write_token_shards
-from data_pipeline.tario import atomic_tar_writer, sha256_file
-from data_pipeline.tokenizer_config import ShardConfig
+from data_pipeline.shards.config import ShardConfig
+from data_pipeline.shards.manifest import load_manifest, verify_shards
+from data_pipeline.shards.packing import Packer, is_validation, split_text, token_dtype
+from data_pipeline.shards.stage import run_shard
+from data_pipeline.shards.writer import write_token_shards
 from tests.datasets import read_split_samples, sample_texts, shared_token_dataset
 
 

@@ -12,13 +12,10 @@ import sentencepiece as spm
 from crucible.config import load_config
 from crucible.errors import ConfigError
 from data_pipeline.config import DataPrepConfig
-from data_pipeline.tokenizer import (
-    build_hf_tokenizer,
-    sample_documents,
-    split_long_line,
-    train_tokenizer,
-)
-from data_pipeline.tokenizer_config import TokenizerConfig
+from data_pipeline.tokenizer.config import TokenizerConfig
+from data_pipeline.tokenizer.hf import build_hf_tokenizer
+from data_pipeline.tokenizer.sample import sample_documents
+from data_pipeline.tokenizer.train import split_long_line, train_tokenizer
 from tests.datasets import SAMPLE, sample_texts, shared_token_dataset
 
 EDGE_CASES = [

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from crucible.config import Section
-from data_pipeline.loader_config import LoaderConfig
+from data_pipeline.loader.config import LoaderConfig
 from model.config import ModelConfig
 
 

@@ -49,7 +49,7 @@ def _funnel_section(clean: Path, run: Path) -> list[str]:
     stats_file = clean / "stats.json"
     if not stats_file.is_file():
         return ["_cleaning stage not run_"]
-    from data_pipeline.report import plot_funnel, summary_table
+    from data_pipeline.clean.report import plot_funnel, summary_table
 
     stats = json.loads(stats_file.read_text(encoding="utf-8"))
     png = plot_funnel(clean, run / "funnel.png")

@@ -1,0 +1,1 @@
+"""Quality filters and PII redaction, one module per published rule set; ``chain`` orders them."""

@@ -1,0 +1,1 @@
+"""Streaming readers: every supported input format -> :class:`Document` or :class:`ReadError`."""

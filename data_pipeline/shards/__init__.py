@@ -1,0 +1,1 @@
+"""Token shards: clean documents encoded, packed into fixed-length samples, written as tars + manifest."""

@@ -1,0 +1,1 @@
+"""sentencepiece tokenizer training on clean shards, its Hugging Face files and report."""
