@@ -64,11 +64,13 @@ def _trafilatura(html: str, main_content: bool) -> str:
     return text or ""
 
 
+EXTRACTORS = {"resiliparse": _resiliparse, "trafilatura": _trafilatura}
+
+
 def extract_html(html: bytes, cfg: ExtractConfig, fallbacks: dict[str, int] | None = None) -> str:
     """Main text of an HTML page; raises ExtractTooLarge / ExtractTimeout past the limits."""
     if len(html) > cfg.max_html_bytes:
         raise ExtractTooLarge(f"HTML is {len(html)} bytes (> data.extract.max_html_bytes={cfg.max_html_bytes})")
     text = decode_text(html, fallbacks)
-    fn = _resiliparse if cfg.extractor == "resiliparse" else _trafilatura
     with time_limit(cfg.timeout_s):
-        return fn(text, cfg.main_content)
+        return EXTRACTORS[cfg.extractor](text, cfg.main_content)

@@ -26,7 +26,7 @@ def _rng(*key: int) -> np.random.Generator:
 class EpochOrder:
     """The sample sequence of one source epoch: positions -> (shard, sample within shard)."""
 
-    def __init__(self, index: SplitIndex, seed: int, source: int, epoch: int, window_shards: int):
+    def __init__(self, index: SplitIndex, seed: int, source: int, epoch: int, window_shards: int) -> None:
         self.index = index
         self.key = (seed, source, epoch)
         self.shard_order = _rng(seed, source, epoch).permutation(len(index.samples))

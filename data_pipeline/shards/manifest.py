@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ class ShardUrls:
     def __getitem__(self, i: int) -> str:
         return _join(self.base, self.paths[i])
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self.paths)))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from data_pipeline.clean.config import CleanConfig
 from data_pipeline.clean.documents import Document
@@ -59,14 +60,9 @@ def _language(cfg: CleanConfig) -> DocumentFilter | None:
     return language
 
 
-def _gopher_repetition(cfg: CleanConfig) -> DocumentFilter | None:
-    section = cfg.gopher_repetition
-    return (lambda doc, words: gopher_repetition(doc.text, words.of(doc.text), section)) if section.enabled else None
-
-
-def _gopher_quality(cfg: CleanConfig) -> DocumentFilter | None:
-    section = cfg.gopher_quality
-    return (lambda doc, words: gopher_quality(doc.text, words.of(doc.text), section)) if section.enabled else None
+def _on_words(rule: Callable[[str, list[str], Any], str | None], section: Any) -> DocumentFilter | None:
+    """A rule ``(text, words, section) -> reason`` as a filter (None when its section is off)."""
+    return (lambda doc, words: rule(doc.text, words.of(doc.text), section)) if section.enabled else None
 
 
 def _c4(cfg: CleanConfig) -> DocumentFilter | None:
@@ -82,11 +78,6 @@ def _c4(cfg: CleanConfig) -> DocumentFilter | None:
         return None
 
     return c4
-
-
-def _fineweb(cfg: CleanConfig) -> DocumentFilter | None:
-    section = cfg.fineweb
-    return (lambda doc, words: fineweb_filter(doc.text, words.of(doc.text), section)) if section.enabled else None
 
 
 def _pii(cfg: CleanConfig) -> DocumentFilter | None:
@@ -112,10 +103,10 @@ class FilterStep:
 FILTERS = (
     FilterStep("url", _url),
     FilterStep("language", _language),
-    FilterStep("gopher_repetition", _gopher_repetition),
-    FilterStep("gopher_quality", _gopher_quality),
+    FilterStep("gopher_repetition", lambda cfg: _on_words(gopher_repetition, cfg.gopher_repetition)),
+    FilterStep("gopher_quality", lambda cfg: _on_words(gopher_quality, cfg.gopher_quality)),
     FilterStep("c4", _c4),
-    FilterStep("fineweb", _fineweb),
+    FilterStep("fineweb", lambda cfg: _on_words(fineweb_filter, cfg.fineweb)),
     FilterStep("pii", _pii, drops=False),
 )
 
