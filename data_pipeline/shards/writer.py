@@ -122,10 +122,25 @@ def write_token_shards(
     dtype = token_dtype(vocab_size, cfg.dtype)
     packers = {s: Packer(cfg.seq_len, dtype) for s in SPLITS}
     writers = {s: SplitWriter(out, s, cfg.samples_per_shard, dtype) for s in SPLITS}
+    batches = encoded if encoded is not None else encode_texts(texts, sp, cfg, eos, dtype)
+    split_documents = _pack_and_write(batches, packers, writers)
+    run_cfg = root_cfg if root_cfg is not None else cfg
+    manifest = build_manifest(
+        cfg.seq_len, dtype, _layout(writers, (cfg.seq_len + 1) * dtype.itemsize),
+        _tokenizer_record(tokenizer_dir, sp), {s: writers[s].entries for s in SPLITS},
+        _totals(packers, writers, split_documents), config_to_dict(cfg), provenance(run_cfg))
+    write_provenance(out, run_cfg)
+    atomic_write_json(out / MANIFEST_FILE, manifest, indent=1)
+    return manifest
+
+
+def _pack_and_write(batches: Iterable[EncodedBatch], packers: dict[str, Packer],
+                    writers: dict[str, SplitWriter]) -> int:
+    """Route each document to its split, pack, and write shards behind the encoding; returns the
+    number of pieces long documents were split into."""
     split_documents = 0
     behind = WriteBehind()
     try:
-        batches = encoded if encoded is not None else encode_texts(texts, sp, cfg, eos, dtype)
         for arrays, flags, n_split in batches:
             split_documents += n_split
             routed: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
@@ -139,14 +154,7 @@ def write_token_shards(
     except BaseException:
         behind.abort()
         raise
-    run_cfg = root_cfg if root_cfg is not None else cfg
-    manifest = build_manifest(
-        cfg.seq_len, dtype, _layout(writers, (cfg.seq_len + 1) * dtype.itemsize),
-        _tokenizer_record(tokenizer_dir, sp), {s: writers[s].entries for s in SPLITS},
-        _totals(packers, writers, split_documents), config_to_dict(cfg), provenance(run_cfg))
-    write_provenance(out, run_cfg)
-    atomic_write_json(out / MANIFEST_FILE, manifest, indent=1)
-    return manifest
+    return split_documents
 
 
 def _layout(writers: dict[str, SplitWriter], sample_bytes: int) -> tuple[int, int]:
