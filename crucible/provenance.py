@@ -6,7 +6,6 @@ to run.
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 from importlib import metadata

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from tests.harness import ROOT, cpu_env, run_deepspeed
-from training.finetune import TaskBatches
+from training.tasks.batches import TaskBatches
+from training.tasks.classification import ClassificationTask
+from training.tasks.config import TaskConfig
 
 FINETUNE = ROOT / "launcher" / "finetune.py"
+CLASSIFY = ClassificationTask(TaskConfig())
 
 
 def _features(n: int) -> datasets.Dataset:
@@ -28,27 +31,27 @@ def _take(batches, k):
 
 def test_task_batches_order_resume_and_rank_shares():
     feats = _features(50)
-    ref = TaskBatches(feats, "classification", 4, 2, 0, 1, seed=7, pad_id=3)
+    ref = TaskBatches(feats, CLASSIFY, 4, 2, 0, 1, seed=7, pad_id=3)
     first = _take(ref, 6)
-    again = _take(TaskBatches(feats, "classification", 4, 2, 0, 1, seed=7, pad_id=3), 6)
+    again = _take(TaskBatches(feats, CLASSIFY, 4, 2, 0, 1, seed=7, pad_id=3), 6)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
-    other_seed = _take(TaskBatches(feats, "classification", 4, 2, 0, 1, seed=8, pad_id=3), 1)
+    other_seed = _take(TaskBatches(feats, CLASSIFY, 4, 2, 0, 1, seed=8, pad_id=3), 1)
     assert not torch.equal(first[0][0], other_seed[0][0])
 
     # state after 2 optimizer steps (4 micro batches) resumes with the very next batches
-    loader = TaskBatches(feats, "classification", 4, 2, 0, 1, seed=7, pad_id=3)
+    loader = TaskBatches(feats, CLASSIFY, 4, 2, 0, 1, seed=7, pad_id=3)
     it = iter(loader)
     for _ in range(4):
         next(it)
     state = loader.state_dict()
     assert state == {"epoch": 0, "position": 16}
-    resumed = TaskBatches(feats, "classification", 4, 2, 0, 1, seed=7, pad_id=3)
+    resumed = TaskBatches(feats, CLASSIFY, 4, 2, 0, 1, seed=7, pad_id=3)
     resumed.load_state_dict(state)
     for (a, _), (b, _) in zip(first[4:], _take(resumed, 2)):
         assert torch.equal(a, b)
 
     # 2 ranks with micro 2 x accum 2 share each global batch of 8 with no overlap
-    ranks = [TaskBatches(feats, "classification", 2, 2, r, 2, seed=7, pad_id=3) for r in range(2)]
+    ranks = [TaskBatches(feats, CLASSIFY, 2, 2, r, 2, seed=7, pad_id=3) for r in range(2)]
     seen = [torch.cat([t[:, 0] for t, _ in _take(rk, 2)]).tolist() for rk in ranks]
     single = torch.cat([t[:, 0] for t, _ in first[:2]]).tolist()
     assert sorted(seen[0] + seen[1]) == sorted(single)
@@ -57,7 +60,7 @@ def test_task_batches_order_resume_and_rank_shares():
 
 def test_task_batches_padding_and_epoch_rollover():
     feats = _features(10)
-    loader = TaskBatches(feats, "classification", 4, 1, 0, 1, seed=0, pad_id=3)
+    loader = TaskBatches(feats, CLASSIFY, 4, 1, 0, 1, seed=0, pad_id=3)
     batches = _take(loader, 3)  # 10 examples: 2 full batches, then the next epoch
     assert loader.state_dict()["epoch"] == 1
     tokens, target = batches[0]

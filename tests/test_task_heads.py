@@ -9,9 +9,16 @@ from model.heads import HEAD_KINDS, HEADS, build_head, last_non_pad_index
 from model.task_io import export_task_hf, load_task_dir, save_task_dir
 from model.transformer import Transformer
 from tests.datasets import shared_token_dataset
-from training.tasks.losses import head_loss
+from training.tasks.config import TaskConfig
+from training.tasks.registry import TASK_KINDS
 
 PAD, EOS = 3, 2
+
+
+def head_loss(kind: str, logits: torch.Tensor, target: torch.Tensor, problem_type: str):
+    """The registered task kind's summed loss and label count, as the fine-tune step uses them."""
+    task = TASK_KINDS[kind](TaskConfig(kind=kind, format="jsonl", problem_type=problem_type))
+    return task.loss(logits, target), task.label_count(target)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from crucible.config import load_config
 from crucible.errors import ConfigError, UserError
 from training import checkpoint as ckpt
+from training.callbacks.spikes import LossSpikeDetector
 from training.config import OptimConfig, PretrainConfig, ScheduleConfig, TrainConfig
 from training.deepspeed_config import (
     build_deepspeed_config,
@@ -19,10 +20,10 @@ from training.deepspeed_config import (
     estimate_memory_per_gpu,
     resolve_batch,
 )
-from training.faults import BadStepPolicy, LossSpikeDetector, TrainingDiverged
+from training.faults import BadStepPolicy, TrainingDiverged
 from training.metrics import device_peak_tflops, measure_cpu_gemm_tflops, mfu
-from training.optim import SkippingAdamW, lr_at, param_groups
-
+from training.optim import SkippingAdamW, param_groups
+from training.schedule import lr_at
 
 # ------------------------------------------------------------------------- DeepSpeed config
 

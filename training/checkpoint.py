@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from crucible.errors import UserError
+from crucible.fileio import atomic_write_json
 
 log = logging.getLogger("crucible.training.checkpoint")
 
@@ -71,12 +72,6 @@ class CheckpointInfo:
         return self.path.name
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[CheckpointInfo]:
     """Checkpoints in step order; only those with a completion marker unless told otherwise."""
     root = checkpoint_root(run_dir)
@@ -114,9 +109,9 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> CheckpointInfo |
 
 def mark_complete(ckpt_dir: Path, info: dict[str, Any]) -> None:
     """Write the completion marker; call on rank 0 only, after a barrier over all ranks."""
-    _atomic_write_json(ckpt_dir / MARKER, info)
+    atomic_write_json(ckpt_dir / MARKER, info)
     model_dir = ckpt_dir / MODEL_DIR
-    _atomic_write_json(
+    atomic_write_json(
         ckpt_dir.parent.parent / LATEST,
         {"tag": ckpt_dir.name, "step": info.get("step"), "checkpoint": str(ckpt_dir.resolve()),
          "model_dir": str(model_dir.resolve()) if model_dir.is_dir() else None},
@@ -141,7 +136,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 
 def write_trainer_state(ckpt_dir: Path, state: dict[str, Any]) -> None:
-    _atomic_write_json(ckpt_dir / STATE_FILE, state)
+    atomic_write_json(ckpt_dir / STATE_FILE, state)
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
@@ -201,7 +196,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def write_rng_state(ckpt_dir: Path, rank: int) -> None:
-    _atomic_write_json(ckpt_dir / f"rng_rank{rank}.json", rng_state())
+    atomic_write_json(ckpt_dir / f"rng_rank{rank}.json", rng_state())
 
 
 def restore_rng_state(ckpt_dir: Path, rank: int) -> bool:
@@ -236,7 +231,7 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
     )
     ds_to_universal.main(args)
     tmp.rename(out)
-    _atomic_write_json(out / MARKER, {"source": ckpt_dir.name})
+    atomic_write_json(out / MARKER, {"source": ckpt_dir.name})
     return out
 
 

@@ -6,12 +6,12 @@ hand-kept; the generated JSON is saved in the run directory (``deepspeed_config.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crucible.errors import ConfigError
+from crucible.fileio import atomic_write_json
 from training.config import OptimConfig, TrainConfig
 
 
@@ -158,10 +158,7 @@ def build_deepspeed_config(
 
 def save_deepspeed_config(config: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, config)
     return path
 
 

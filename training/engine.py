@@ -1,11 +1,12 @@
-"""Distributed setup and the DeepSpeed engine: process group, model (partitioned under ZeRO-3),
-optimizer, ``deepspeed.initialize``."""
+"""Distributed setup and the DeepSpeed engine: process group, partitioned model construction
+(ZeRO-3), ``deepspeed.initialize``."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -14,9 +15,7 @@ import torch
 import torch.distributed as dist
 
 from crucible.errors import ConfigError
-from model.config import ModelConfig
-from training.config import OptimConfig, TrainConfig
-from training.optim import build_optimizer, param_groups
+from training.config import TrainConfig
 
 log = logging.getLogger("crucible.training.engine")
 
@@ -80,37 +79,31 @@ def init_distributed(train: TrainConfig) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def build_model(model_cfg: ModelConfig, ds_config: dict[str, Any], seed: int) -> torch.nn.Module:
-    """The Transformer; under ZeRO-3 built inside ``deepspeed.zero.Init`` so that every
-    parameter is partitioned as soon as it is created and no rank ever holds the whole model."""
+def partitioned_init(ds_config: dict[str, Any]) -> AbstractContextManager:
+    """The context to construct a model in: under ZeRO-3 ``deepspeed.zero.Init``, so that every
+    parameter is partitioned as soon as it is created and no rank ever holds the whole model
+    (offloaded parameters go straight to their offload device); otherwise nothing."""
+    zero = ds_config["zero_optimization"]
+    if zero["stage"] != 3:
+        return nullcontext()
     import deepspeed
 
-    from model.transformer import Transformer
-
-    torch.manual_seed(seed)
-    stage = ds_config["zero_optimization"]["stage"]
-    if stage == 3:
-        offload = ds_config["zero_optimization"].get("offload_param", {}).get("device")
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=offload):
-            return Transformer(model_cfg)
-    return Transformer(model_cfg)
+    offload = zero.get("offload_param", {}).get("device")
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=offload)
 
 
-def build_engine(
-    model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str, Any]
-) -> tuple[Any, torch.optim.Optimizer]:
-    """``deepspeed.initialize`` with our :class:`~training.optim.SkippingAdamW`, or DeepSpeed's
-    own Adam (``optim.implementation=deepspeed``) over the same weight-decay groups.
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: torch.optim.Optimizer | None,
+                 model_parameters: list[dict[str, Any]] | None = None) -> tuple[Any, torch.optim.Optimizer]:
+    """``deepspeed.initialize`` with a client optimizer, or (``optimizer`` None) with DeepSpeed's
+    own optimizer from the config over ``model_parameters``.
 
     Returns the engine and the optimizer whose ``param_groups`` carry the learning rate.
     """
     import deepspeed
 
-    optimizer = build_optimizer(model, optim, ds_config["zero_optimization"]["stage"])
     if optimizer is None:
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, optim), config=ds_config
-        )
+            model=model, model_parameters=model_parameters, config=ds_config)
         return engine, ds_optimizer
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, optimizer

@@ -3,8 +3,9 @@ loss, suggest a learning rate and plot loss against learning rate.
 
 This is the "LR range test" of Smith (2017), as popularised by fastai: the suggestion is a tenth
 of the learning rate where the smoothed loss is lowest (before it diverges to four times its
-minimum); the steepest descent is reported too. Runs on the fine-tune machinery, so it sees exactly the data, head,
-batch and ZeRO setup of the recipe it is given; nothing is checkpointed.
+minimum); the steepest descent is reported too. It is the fine-tune step module on the training
+loop with an exponential schedule, so it sees exactly the data, head, batch and ZeRO setup of
+the recipe it is given; nothing is checkpointed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 
 from crucible.errors import ConfigError
+from training.callbacks.base import Callback
+from training.callbacks.faults import FaultInjection
+from training.schedule import ExponentialSchedule
+from training.steps.task import TaskStep
 from training.tasks.config import FinetuneConfig
+from training.tasks.data import load_task_data
+from training.trainer import run_training
 
 log = logging.getLogger("crucible.training.lr_find")
 
@@ -68,61 +76,56 @@ def plot(lrs: list[float], losses: list[float], result: dict[str, Any], path: Pa
     plt.close(fig)
 
 
+class LRRangeTest(Callback):
+    """Records (learning rate, loss) per step, stops once the loss diverges (non-finite, or 8x
+    its best), and at the end writes ``lr_find.json`` and ``lr_find.png`` (rank 0)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.best = math.inf
+
+    def post_step(self, trainer: Any, metrics: dict[str, float]) -> None:
+        loss = metrics["train/loss"]
+        self.lrs.append(metrics["train/lr"])
+        self.losses.append(loss)
+        self.best = min(self.best, loss)
+        if not math.isfinite(loss) or loss > 8 * self.best:
+            trainer.request_stop()  # the loss is all-reduced: every rank stops at the same step
+
+    def at_end(self, trainer: Any) -> None:
+        if trainer.ctx.rank == 0:
+            out = trainer.run_dir
+            out.mkdir(parents=True, exist_ok=True)
+            result = suggest_lr(self.lrs, self.losses)
+            plot(self.lrs, self.losses, result, out / "lr_find.png")
+            record = {"suggested_lr": result["suggested_lr"], "min_loss_lr": result["min_loss_lr"],
+                      "steepest_lr": result["steepest_lr"],
+                      "lrs": self.lrs, "losses": self.losses, "smoothed": result["smoothed"]}
+            (out / "lr_find.json").write_text(json.dumps(record, indent=2) + "\n")
+            print(f"suggested learning rate: {result['suggested_lr']:.3g} "
+                  f"(plot: {out / 'lr_find.png'}; set optim.lr={result['suggested_lr']:.3g})")
+        dist.barrier()
+
+
 def lr_find(cfg: FinetuneConfig, start_lr: float, end_lr: float, steps: int) -> int:
-    import datasets
-    import torch.distributed as dist
-
-    from crucible.runtime import setup_logging
-    from training.engine import init_distributed
-    from training.finetune import FinetuneTrainer
-    from training.tasks.data import load_task_data
-
+    """The recipe's fine-tune step module under an exponential schedule from ``start_lr`` to
+    ``end_lr`` over ``steps`` steps, in ``<run_dir>/lr_find``; no checkpoint, no evaluation."""
     if not cfg.init_from:
         raise ConfigError("init_from is not set: give the pretraining run or model directory")
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"--start-lr ({start_lr}) must be positive and below --end-lr ({end_lr})")
+    import datasets
+
     datasets.disable_progress_bars()
     cfg = cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"max_steps": steps, "eval_every": 0}),
-        "checkpoint": cfg.checkpoint.model_copy(update={"resume": "never", "every": 0}),
+        "task": cfg.task.model_copy(update={"freeze_backbone_steps": 0}),
         "log": cfg.log.model_copy(update={"tensorboard": False}),
         "run_dir": str(Path(cfg.run_dir) / "lr_find"),
     })
     data = load_task_data(cfg.task)
-    ctx = init_distributed(cfg.train)
-    setup_logging(cfg.log.level, rank=ctx.rank)
-    trainer = FinetuneTrainer(cfg, ctx, data)
-    ratio = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
-    lrs, losses = [], []
-
-    def set_lr(step: int) -> float:
-        lr = start_lr * ratio ** step
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        return lr
-
-    trainer._set_lr = set_lr  # type: ignore[method-assign]
-    trainer.engine.train()
-    batches = iter(trainer.loader)
-    best = math.inf
-    for _ in range(steps):
-        metrics = trainer.train_step(batches)
-        lrs.append(metrics["train/lr"])
-        losses.append(metrics["train/loss"])
-        best = min(best, metrics["train/loss"])
-        if not math.isfinite(metrics["train/loss"]) or metrics["train/loss"] > 8 * best:
-            break
-    trainer.preempt.uninstall()
-    if ctx.rank == 0:
-        out = Path(cfg.run_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        result = suggest_lr(lrs, losses)
-        plot(lrs, losses, result, out / "lr_find.png")
-        record = {"suggested_lr": result["suggested_lr"], "min_loss_lr": result["min_loss_lr"],
-                  "steepest_lr": result["steepest_lr"],
-                  "lrs": lrs, "losses": losses, "smoothed": result["smoothed"]}
-        (out / "lr_find.json").write_text(json.dumps(record, indent=2) + "\n")
-        print(f"suggested learning rate: {result['suggested_lr']:.3g} "
-              f"(plot: {out / 'lr_find.png'}; set optim.lr={result['suggested_lr']:.3g})")
-    dist.barrier()
-    return 0
+    faults = FaultInjection.from_env()
+    return run_training(cfg, lambda ctx: TaskStep(cfg, ctx, data),
+                        callbacks=lambda ctx: [LRRangeTest(), *([faults] if faults else [])],
+                        schedule=ExponentialSchedule(start_lr, end_lr, steps), checkpoints=False, evaluate=False)

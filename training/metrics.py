@@ -1,9 +1,10 @@
-"""Training metrics: throughput, MFU against the device peak, memory, TensorBoard + console.
+"""Measurements for the training metrics: device peak for MFU, peak memory, model-state bytes.
 
-TensorBoard scalar tags (rank 0 only): ``train/loss``, ``train/lr``, ``train/grad_norm``,
+The metrics of a step (``train/loss``, ``train/lr``, ``train/grad_norm``,
 ``train/tokens_per_second``, ``train/mfu``, ``train/data_wait_fraction``, ``train/step_time``,
-``train/memory_gb``, ``train/skipped_steps``, ``val/loss``, ``val/perplexity``,
-``checkpoint/save_seconds``.
+``train/memory_gb``, ``train/skipped_steps``; ``val/loss``, ``val/perplexity`` or ``dev/...``;
+``checkpoint/save_seconds``) are built by the loop and written by
+:class:`training.callbacks.metrics.MetricsLogger`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,33 +105,6 @@ def model_state_bytes(engine: Any) -> int:
             for t in item if isinstance(item, (list, tuple)) else [item]:
                 add(t)
     return sum(seen.values())
-
-
-class MetricsWriter:
-    """Console + TensorBoard scalars on rank 0; every other rank writes nothing."""
-
-    def __init__(self, log_dir: Path | None, enabled: bool) -> None:
-        self.enabled = enabled
-        self._writer = None
-        if enabled and log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(log_dir))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is None:
-            return
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, value, step)
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops_per_device: float, devices: int) -> float:

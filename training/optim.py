@@ -1,45 +1,14 @@
-"""AdamW parameter groups, the learning-rate schedules, and the step-skipping optimizer.
-
-The learning rate is a pure function of the optimizer step (:func:`lr_at`), so resuming needs
-no scheduler state: the trainer sets it on every step.
-"""
+"""AdamW parameter groups and the step-skipping optimizer (the learning rate of each step comes
+from :mod:`training.schedule`; the loop sets it on every step)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
-from training.config import OptimConfig, ScheduleConfig
-
-
-def lr_at(step: int, peak_lr: float, schedule: ScheduleConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
-
-    Linear warmup from ``peak/warmup`` to ``peak`` over ``warmup_steps``, then:
-    ``cosine`` / ``linear`` decay to ``min_lr_ratio * peak`` at the last step; ``wsd`` holds the
-    peak and decays linearly over the last ``decay_fraction`` of the post-warmup steps;
-    ``constant`` holds the peak.
-    """
-    warmup = schedule.warmup_steps
-    if step < warmup:
-        return peak_lr * (step + 1) / warmup
-    min_lr = peak_lr * schedule.min_lr_ratio
-    if schedule.kind == "constant":
-        return peak_lr
-    span = max(total_steps - 1 - warmup, 1)
-    progress = min(max((step - warmup) / span, 0.0), 1.0)
-    if schedule.kind == "cosine":
-        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule.kind == "linear":
-        return peak_lr + (min_lr - peak_lr) * progress
-    # wsd: stable until the decay phase, then linear to min_lr
-    decay_start = 1.0 - schedule.decay_fraction
-    if progress <= decay_start:
-        return peak_lr
-    return peak_lr + (min_lr - peak_lr) * (progress - decay_start) / schedule.decay_fraction
+from training.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
@@ -117,23 +86,14 @@ class SkippingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(
-    model: torch.nn.Module, optim: OptimConfig, zero_stage: int = 1
-) -> torch.optim.Optimizer | None:
-    """A :class:`SkippingAdamW` over :func:`param_groups`, or None when DeepSpeed builds its own.
+def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig, zero_stage: int) -> SkippingAdamW:
+    """A :class:`SkippingAdamW` over ``groups`` (see :func:`param_groups`).
 
-    ``foreach`` is used on every device; ``fused`` is not (it is not bit-stable across
-    resume on CPU).
+    ``foreach`` is used on every device; ``fused`` is not (it is not bit-stable across resume
+    on CPU). Without ZeRO the optimizer clips (DeepSpeed does not hand it clipped gradients).
     """
-    if optim.implementation == "deepspeed":
-        return None
     return SkippingAdamW(
-        param_groups(model, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-        eps=optim.eps, weight_decay=optim.weight_decay, foreach=True,
+        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+        weight_decay=optim.weight_decay, foreach=True,
         clip_grad=optim.grad_clip if zero_stage == 0 else None,
     )
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

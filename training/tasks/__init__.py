@@ -1,1 +1,2 @@
-"""Fine-tune tasks: data, features, metrics and decoding per head type."""
+"""Fine-tune task kinds (one object per kind, listed in :mod:`training.tasks.registry`), their data,
+features, batches, contamination check and predictions."""

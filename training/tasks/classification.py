@@ -1,15 +1,21 @@
-"""Sequence classification: features, metrics.
+"""Sequence classification: single label (cross-entropy), multi-label (BCE), regression (MSE).
 
-Input layout: ``text [EOS text_pair] EOS``, right-padded with the pad id; the head pools the
-last non-pad token (the final EOS), like Hugging Face ``LlamaForSequenceClassification``.
+Schema: ``text``, optional ``text_pair``, ``label`` (str; list[str] for multi-label; float for
+regression). Input layout: ``text [EOS text_pair] EOS``, right-padded with the pad id; the head
+pools the last non-pad token (the final EOS), like Hugging Face ``LlamaForSequenceClassification``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import datasets
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from crucible.errors import DataError
+from training.tasks.base import TaskKind
 from training.tasks.config import TaskConfig
 
 
@@ -67,3 +73,108 @@ def majority_rate(targets: np.ndarray) -> float:
     """Accuracy of always predicting the most frequent class (the baseline to beat)."""
     _, counts = np.unique(targets[:, 0].astype(int), return_counts=True)
     return float(counts.max() / counts.sum())
+
+
+class ClassificationTask(TaskKind):
+    kind = "classification"
+
+    def view(self, ds: datasets.Dataset, source: str) -> datasets.Dataset:
+        cfg = self.cfg
+        needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise DataError(
+                f"{source}: column(s) {missing} not found; the file has columns {ds.column_names} "
+                "(set task.text_column / task.label_column / task.text_pair_column, or task.columns "
+                "for a file without a header row)"
+            )
+
+        def convert(row: dict) -> dict:
+            label = row[cfg.label_column]
+            if cfg.problem_type == "regression":
+                value: Any = float(label)
+            elif cfg.problem_type == "multi_label":
+                value = sorted({x.strip() for x in str(label).split(cfg.label_separator) if x.strip()})
+            else:
+                value = str(label).strip()
+            out = {"text": str(row[cfg.text_column]).strip(), "label": value}
+            if cfg.text_pair_column:
+                out["text_pair"] = str(row[cfg.text_pair_column]).strip()
+            return out
+
+        label_type = {"regression": datasets.Value("float64"),
+                      "multi_label": datasets.Sequence(datasets.Value("string"))}.get(
+            cfg.problem_type, datasets.Value("string"))
+        features = {"text": datasets.Value("string"), "label": label_type}
+        if cfg.text_pair_column:
+            features["text_pair"] = datasets.Value("string")
+        return ds.map(convert, remove_columns=ds.column_names, features=datasets.Features(features))
+
+    def label_map(self, train: datasets.Dataset) -> list[str]:
+        if self.cfg.problem_type == "regression":
+            return []
+        if self.cfg.problem_type == "multi_label":
+            return sorted({label for row in train["label"] for label in row})
+        return sorted(set(train["label"]), key=lambda x: (len(x), x) if x.lstrip("-").isdigit() else (10**9, x))
+
+    def labels_in(self, ds: datasets.Dataset) -> set[str]:
+        if self.cfg.problem_type == "multi_label":
+            return {label for row in ds["label"] for label in row}
+        return set(ds["label"])
+
+    def text_lines(self, lines: list[str]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"text": lines})
+
+    def unlabelled(self, batch: dict[str, list], labels: list[str], source: str) -> dict[str, list]:
+        if self.cfg.text_pair_column and "text_pair" not in batch:
+            raise DataError(f"{source}: the model classifies text pairs; give a text_pair column")
+        if "label" not in batch:
+            batch = {**batch, "label": [labels[0] if labels else 0.0] * len(batch["text"])}
+        return batch
+
+    def featurize(self, batch: dict[str, list], tokenizer: Any, labels: list[str],
+                  eos_id: int) -> dict[str, list]:
+        return featurize(batch, tokenizer, self.cfg, labels, eos_id)
+
+    def targets(self, rows: list[dict], width: int) -> torch.Tensor:
+        return torch.tensor([r["target"] for r in rows], dtype=torch.float32)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.cfg.problem_type == "regression":
+            return F.mse_loss(logits[:, 0], target[:, 0], reduction="sum")
+        if self.cfg.problem_type == "multi_label":
+            return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+        return F.cross_entropy(logits, target[:, 0].long(), reduction="sum")
+
+    def label_count(self, target: torch.Tensor) -> int:
+        return target.numel() if self.cfg.problem_type == "multi_label" else target.shape[0]
+
+    def evaluate(self, outputs: list[np.ndarray], features: datasets.Dataset,
+                 examples: datasets.Dataset, labels: list[str]) -> tuple[dict[str, float], list[dict]]:
+        logits = np.stack(outputs)
+        targets = np.asarray(features["target"], dtype=np.float32)
+        metrics = compute_metrics(logits, targets, self.cfg, labels)
+        if self.cfg.problem_type == "single_label":
+            metrics["majority_rate"] = majority_rate(targets)
+            preds = [{"text": ex["text"], "label": ex["label"], "prediction": labels[int(p)]}
+                     for ex, p in zip(examples, logits.argmax(-1))]
+        else:
+            preds = [{"text": ex["text"], "label": ex["label"], "output": o.tolist()}
+                     for ex, o in zip(examples, logits)]
+        return metrics, preds
+
+    def predict(self, outputs: list[np.ndarray], features: list[dict],
+                examples: datasets.Dataset, labels: list[str]) -> list[dict[str, Any]]:
+        results = []
+        for ex, out in zip(examples, outputs):
+            rec: dict[str, Any] = {"text": ex["text"]}
+            if self.cfg.problem_type == "single_label":
+                probs = torch.softmax(torch.from_numpy(out), -1).numpy()
+                rec.update(prediction=labels[int(out.argmax())], probability=float(probs.max()))
+            elif self.cfg.problem_type == "multi_label":
+                rec["prediction"] = [labels[i] for i in np.flatnonzero(out > 0)]
+            else:
+                rec["prediction"] = float(out[0])
+            results.append(rec)
+        return results

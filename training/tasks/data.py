@@ -1,11 +1,8 @@
 """Fine-tune data through ``datasets``: CSV/TSV, JSON lines, CoNLL columns, SQuAD JSON.
 
-Every split becomes a ``datasets.Dataset`` with a uniform schema per task kind:
-
-- classification: ``text``, optional ``text_pair``, ``label`` (str; list[str] for multi-label;
-  float for regression)
-- token_classification: ``tokens`` (list[str]), ``tags`` (list[str])
-- qa: ``id``, ``context``, ``question``, ``answers`` {``text``: [...], ``answer_start``: [...]}
+Every split becomes a ``datasets.Dataset`` in its task kind's schema (see the kinds' modules:
+:mod:`training.tasks.classification`, :mod:`~training.tasks.token_classification`,
+:mod:`~training.tasks.qa`).
 """
 
 from __future__ import annotations
@@ -20,7 +17,9 @@ from typing import Any
 import datasets
 
 from crucible.errors import DataError
+from training.tasks.base import TaskKind
 from training.tasks.config import TaskConfig
+from training.tasks.registry import task_kind
 
 SPLITS = ("train", "dev", "test")
 
@@ -117,47 +116,13 @@ def _read_table(path: Path, cfg: TaskConfig) -> datasets.Dataset:
     return ds
 
 
-def _classification_view(ds: datasets.Dataset, cfg: TaskConfig, path: Path) -> datasets.Dataset:
-    needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    missing = [c for c in needed if c not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"{path}: column(s) {missing} not found; the file has columns {ds.column_names} "
-            "(set task.text_column / task.label_column / task.text_pair_column, or task.columns "
-            "for a file without a header row)"
-        )
-
-    def convert(row: dict) -> dict:
-        label = row[cfg.label_column]
-        if cfg.problem_type == "regression":
-            value: Any = float(label)
-        elif cfg.problem_type == "multi_label":
-            value = sorted({x.strip() for x in str(label).split(cfg.label_separator) if x.strip()})
-        else:
-            value = str(label).strip()
-        out = {"text": str(row[cfg.text_column]).strip(), "label": value}
-        if cfg.text_pair_column:
-            out["text_pair"] = str(row[cfg.text_pair_column]).strip()
-        return out
-
-    label_type = {"regression": datasets.Value("float64"),
-                  "multi_label": datasets.Sequence(datasets.Value("string"))}.get(
-        cfg.problem_type, datasets.Value("string"))
-    features = {"text": datasets.Value("string"), "label": label_type}
-    if cfg.text_pair_column:
-        features["text_pair"] = datasets.Value("string")
-    return ds.map(convert, remove_columns=ds.column_names, features=datasets.Features(features))
-
-
 def read_split(path: Path, cfg: TaskConfig) -> datasets.Dataset:
+    """One file in the task kind's schema (CoNLL and SQuAD files are read in it directly)."""
     if cfg.format == "conll":
         return read_conll(path, cfg.conll_token_column, cfg.conll_tag_column)
     if cfg.format == "squad":
         return read_squad(path)
-    ds = _read_table(path, cfg)
-    if cfg.kind == "classification":
-        return _classification_view(ds, cfg, path)
-    return ds
+    return task_kind(cfg).view(_read_table(path, cfg), str(path))
 
 
 def _bucket(example: dict) -> float:
@@ -177,29 +142,10 @@ def hash_split(ds: datasets.Dataset, dev_fraction: float, test_fraction: float) 
     return {"train": ds.select(train_idx), "dev": ds.select(dev_idx), "test": ds.select(test_idx)}
 
 
-def build_label_map(train: datasets.Dataset, cfg: TaskConfig) -> list[str]:
-    if cfg.kind == "qa" or cfg.problem_type == "regression":
-        return []
-    if cfg.kind == "token_classification":
-        tags = {t for row in train["tags"] for t in row}
-        # "O" first, then entity types grouped B/I, so ids are stable and readable
-        return sorted(tags, key=lambda t: (t != "O", t[2:] if t[:2] in ("B-", "I-") else t, t))
-    if cfg.problem_type == "multi_label":
-        return sorted({label for row in train["label"] for label in row})
-    return sorted(set(train["label"]), key=lambda x: (len(x), x) if x.lstrip("-").isdigit() else (10**9, x))
-
-
-def _check_labels(ds: datasets.Dataset, split: str, labels: list[str], cfg: TaskConfig, source: str) -> None:
+def _check_labels(ds: datasets.Dataset, split: str, labels: list[str], task: TaskKind, source: str) -> None:
     if not labels:
         return
-    known = set(labels)
-    if cfg.kind == "token_classification":
-        seen = {t for row in ds["tags"] for t in row}
-    elif cfg.problem_type == "multi_label":
-        seen = {label for row in ds["label"] for label in row}
-    else:
-        seen = set(ds["label"])
-    unseen = sorted(seen - known)
+    unseen = sorted(task.labels_in(ds) - set(labels))
     if unseen:
         raise DataError(
             f"{split} split ({source}) has label(s) {unseen[:10]} that never occur in the training "
@@ -231,7 +177,8 @@ def load_task_data(cfg: TaskConfig) -> TaskData:
     for name in SPLITS:
         if len(splits[name]) == 0:
             raise DataError(f"the {name} split ({sources[name]}) is empty")
-    labels = build_label_map(splits["train"], cfg)
+    task = task_kind(cfg)
+    labels = task.label_map(splits["train"])
     for name in ("dev", "test"):
-        _check_labels(splits[name], name, labels, cfg, sources[name])
+        _check_labels(splits[name], name, labels, task, sources[name])
     return TaskData(splits["train"], splits["dev"], splits["test"], labels, sources)

@@ -1,5 +1,6 @@
 """Extractive QA: windows over long contexts, answer positions, n-best span decoding, SQuAD metrics.
 
+Schema: ``id``, ``context``, ``question``, ``answers`` {``text``: [...], ``answer_start``: [...]}.
 Input layout per window: ``question EOS context_window EOS``. A long context gives several
 windows that overlap by ``doc_stride`` tokens. A window that does not contain the whole gold
 answer is trained to point at position 0 (the "no answer here" convention of Hugging Face QA
@@ -14,7 +15,12 @@ import re
 import string
 from typing import Any
 
+import datasets
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.tasks.base import TaskKind
 
 
 def answer_token_span(context: str, offsets: list[tuple[int, int]], start_char: int,
@@ -160,3 +166,47 @@ def compute_metrics(predictions: dict[str, str], references: dict[str, list[str]
         f1 += max(_f1(pred, g) for g in golds)
     n = max(len(references), 1)
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
+
+
+class QuestionAnsweringTask(TaskKind):
+    kind = "qa"
+    prediction_format = "squad"
+    plain_text = False
+
+    def featurize(self, batch: dict[str, list], tokenizer: Any, labels: list[str],
+                  eos_id: int) -> dict[str, list]:
+        return featurize(batch, tokenizer, self.cfg.max_length, self.cfg.doc_stride, eos_id)
+
+    def targets(self, rows: list[dict], width: int) -> torch.Tensor:
+        return torch.tensor([[r["start"], r["end"]] for r in rows], dtype=torch.long)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean of the start and end cross-entropy, summed over windows."""
+        logits = logits.float()
+        start = F.cross_entropy(logits[..., 0], target[:, 0], reduction="sum")
+        end = F.cross_entropy(logits[..., 1], target[:, 1], reduction="sum")
+        return (start + end) / 2
+
+    def label_count(self, target: torch.Tensor) -> int:
+        return target.shape[0]
+
+    def _answers(self, outputs: list[np.ndarray], features: Any, examples: datasets.Dataset) -> dict[str, str]:
+        contexts = {ex["id"]: ex["context"] for ex in examples}
+        return decode_answers([o[:, 0] for o in outputs], [o[:, 1] for o in outputs], features, contexts,
+                              self.cfg.n_best, self.cfg.max_answer_length)
+
+    def evaluate(self, outputs: list[np.ndarray], features: datasets.Dataset,
+                 examples: datasets.Dataset, labels: list[str]) -> tuple[dict[str, float], list[dict]]:
+        answers = self._answers(outputs, features, examples)
+        refs = {ex["id"]: ex["answers"]["text"] for ex in examples}
+        metrics = compute_metrics(answers, refs)
+        aligned = {f for f, ok in zip(features["example_id"], features["answer_aligned"]) if ok}
+        metrics["answers_not_on_token_boundaries"] = float(len(refs) - len(aligned & set(refs)))
+        preds = [{"id": k, "prediction": answers.get(k, ""), "answers": v} for k, v in refs.items()]
+        return metrics, preds
+
+    def predict(self, outputs: list[np.ndarray], features: list[dict],
+                examples: datasets.Dataset, labels: list[str]) -> list[dict[str, Any]]:
+        answers = self._answers(outputs, features, examples)
+        return [{"id": ex["id"], "question": ex["question"], "prediction": answers.get(ex["id"], "")}
+                for ex in examples]

@@ -1,6 +1,6 @@
 """Token classification (NER): word <-> sub-word alignment, features, seqeval metrics.
 
-Words are joined with single spaces and tokenised once with offsets; each sub-word belongs to
+Schema: ``tokens`` (list[str]), ``tags`` (list[str], BIO/IOB). Words are joined with single spaces and tokenised once with offsets; each sub-word belongs to
 the word that contains its last character. The label of a word sits on its first sub-word;
 other sub-words get ``IGNORE`` (-100) so the loss counts each word once. Predictions are mapped
 back to words through the same first sub-word; words cut off by ``max_length`` are predicted
@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE = -100
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.tasks.base import IGNORE, TaskKind
 
 
 def word_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -82,3 +87,58 @@ def compute_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict[str, f
         "f1": float(f1_score(gold, pred, zero_division=0)),
         "token_accuracy": float(accuracy_score(gold, pred)),
     }
+
+
+class TokenClassificationTask(TaskKind):
+    kind = "token_classification"
+    prediction_format = "conll"
+
+    def label_map(self, train: datasets.Dataset) -> list[str]:
+        tags = {t for row in train["tags"] for t in row}
+        # "O" first, then entity types grouped B/I, so ids are stable and readable
+        return sorted(tags, key=lambda t: (t != "O", t[2:] if t[:2] in ("B-", "I-") else t, t))
+
+    def labels_in(self, ds: datasets.Dataset) -> set[str]:
+        return {t for row in ds["tags"] for t in row}
+
+    def text_lines(self, lines: list[str]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"tokens": [line.split() for line in lines]})
+
+    def unlabelled(self, batch: dict[str, list], labels: list[str], source: str) -> dict[str, list]:
+        tags = batch["tags"] if "tags" in batch else [["O"] * len(t) for t in batch["tokens"]]
+        known = set(labels)
+        return {**batch, "tags": [[t if t in known else labels[0] for t in row] for row in tags]}
+
+    def featurize(self, batch: dict[str, list], tokenizer: Any, labels: list[str],
+                  eos_id: int) -> dict[str, list]:
+        return featurize(batch, tokenizer, self.cfg.max_length, labels)
+
+    def targets(self, rows: list[dict], width: int) -> torch.Tensor:
+        target = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, r in enumerate(rows):
+            target[i, : len(r["target"])] = torch.tensor(r["target"])
+        return target
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+
+    def label_count(self, target: torch.Tensor) -> int:
+        return int((target != IGNORE).sum())
+
+    def _tags(self, outputs: list[np.ndarray], word_index: list[list[int]], labels: list[str]) -> list[list[str]]:
+        return [words_from_predictions(o.argmax(-1).tolist(), wi, labels) for o, wi in zip(outputs, word_index)]
+
+    def evaluate(self, outputs: list[np.ndarray], features: datasets.Dataset,
+                 examples: datasets.Dataset, labels: list[str]) -> tuple[dict[str, float], list[dict]]:
+        pred_tags = self._tags(outputs, features["word_index"], labels)
+        metrics = compute_metrics(examples["tags"], pred_tags)
+        metrics["truncated_words"] = float(sum(features["truncated_words"]))
+        preds = [{"tokens": ex["tokens"], "tags": ex["tags"], "prediction": p}
+                 for ex, p in zip(examples, pred_tags)]
+        return metrics, preds
+
+    def predict(self, outputs: list[np.ndarray], features: list[dict],
+                examples: datasets.Dataset, labels: list[str]) -> list[dict[str, Any]]:
+        pred_tags = self._tags(outputs, [f["word_index"] for f in features], labels)
+        return [{"tokens": ex["tokens"], "prediction": p} for ex, p in zip(examples, pred_tags)]

@@ -1,0 +1,152 @@
+"""Language modelling (pretraining): the Transformer on packed token shards, next-token loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from crucible.errors import DataError, UserError
+from crucible.provenance import provenance
+from data_pipeline.loader.evaluation import build_eval_loader
+from data_pipeline.loader.train import build_train_loader
+from model.config import ModelConfig, resolve_model_config
+from model.io import save_model_dir
+from model.transformer import Transformer
+from training.config import PretrainConfig
+from training.deepspeed_config import BatchPlan
+from training.engine import DistContext, build_engine, partitioned_init
+from training.metrics import model_state_bytes
+from training.optim import build_optimizer, param_groups
+from training.steps.base import StepModule, StepOutput
+
+log = logging.getLogger("crucible.training.language_model")
+
+
+def model_config_for(cfg: PretrainConfig, vocab_size: int, seq_len: int) -> ModelConfig:
+    """The recipe's model config with the shards' vocabulary; refuses sequences it cannot hold."""
+    model_cfg = resolve_model_config(cfg.model, vocab_size=vocab_size)
+    if model_cfg.max_seq_len < seq_len:
+        raise UserError(
+            f"the token shards hold sequences of {seq_len} tokens but model.max_seq_len is "
+            f"{model_cfg.max_seq_len}; set model.max_seq_len={seq_len} or shard with a shorter seq_len"
+        )
+    return model_cfg
+
+
+def tokenizer_sha256(loader: Any) -> str | None:
+    tok = getattr(loader, "tokenizer", None) or {}
+    return tok.get("sha256") or tok.get("model_sha256")
+
+
+def tokenizer_source_dir(loader: Any, manifest_path: str) -> Path | None:
+    """The tokenizer folder named by the manifest (absolute, or relative to the manifest)."""
+    tok = getattr(loader, "tokenizer", None) or {}
+    for key in ("dir", "path", "tokenizer_dir"):
+        if tok.get(key):
+            path = Path(tok[key])
+            if not path.is_absolute():
+                path = Path(manifest_path).parent / path
+            if path.is_file():
+                path = path.parent
+            return path if path.is_dir() else None
+    return None
+
+
+class LanguageModelStep(StepModule):
+    """Next-token cross-entropy over packed sequences (no padding), validation loss and
+    perplexity on the manifests' validation splits."""
+
+    def __init__(self, cfg: PretrainConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.run_dir)
+        self.model_state_gb: float | None = None
+        self._val_warned = False
+
+    def prepare(self, plan: BatchPlan) -> Any:
+        if not self.cfg.data.manifests:
+            raise DataError(
+                "data.manifests is empty: list the manifest.json of your token shards "
+                "(written by launcher/shard.py), e.g. data.manifests=[runs/shards/manifest.json]"
+            )
+        self.loader = build_train_loader(self.cfg.data, plan.micro_batch_size, self.ctx.rank, self.ctx.world_size)
+        self.seq_len = int(self.loader.seq_len)
+        self.model_cfg = model_config_for(self.cfg, int(self.loader.vocab_size), self.seq_len)
+        self.run_config = self.cfg.model_copy(update={"model": self.model_cfg})
+        self.tokenizer_sha256 = tokenizer_sha256(self.loader)
+        self.tokenizer_dir = tokenizer_source_dir(self.loader, self.cfg.data.manifests[0])
+        return self.loader
+
+    def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
+        torch.manual_seed(self.cfg.train.seed)
+        with partitioned_init(ds_config):
+            model = Transformer(self.model_cfg)
+        optim = self.cfg.optim
+        groups = param_groups(model, optim)
+        optimizer = (None if optim.implementation == "deepspeed"
+                     else build_optimizer(groups, optim, ds_config["zero_optimization"]["stage"]))
+        self.engine, self.optimizer = build_engine(model, ds_config, optimizer, model_parameters=groups)
+        return self.engine, self.optimizer
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.ctx.device, non_blocking=True)
+        logits = self.engine(tokens[:, :-1])  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+    def train_step(self, batch: list[torch.Tensor], step: int) -> StepOutput:
+        """Every micro batch holds the same number of tokens (packed, no padding), so the mean
+        of the micro-batch means over steps and ranks is the per-token mean."""
+        extra: dict[str, float] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro, tokens in enumerate(batch):
+            loss = self._loss(tokens)
+            self.engine.backward(loss)
+            if self.model_state_gb is None and step >= 1 and micro == len(batch) - 1:
+                # weights + gradients + optimizer state held by this rank (ZeRO shards counted),
+                # at the gradient peak of the second step (AdamW creates its state lazily in
+                # the first): after the last backward, before the optimizer step
+                self.model_state_gb = extra["memory/model_state_gb"] = model_state_bytes(self.engine) / 1024**3
+            self.engine.step()
+            loss_sum += loss.detach().double().cpu()
+        tokens = sum(t.shape[0] * (t.shape[1] - 1) for t in batch)
+        return StepOutput(loss_sum.item(), float(len(batch)), tokens, extra)
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean per-token validation loss over ``train.eval_batches`` micro batches per rank."""
+        try:
+            batches = build_eval_loader(self.cfg.data, self.cfg.train.micro_batch_size,
+                                        self.ctx.rank, self.ctx.world_size, split="validation")
+        except DataError as exc:
+            if not self._val_warned:
+                log.warning("no validation: %s", exc)
+                self._val_warned = True
+            return None
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for i, tokens in enumerate(batches):
+                if i >= self.cfg.train.eval_batches:
+                    break
+                loss = self._loss(tokens)
+                n = tokens[:, 1:].numel()
+                total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+        self.engine.train()
+        dist.all_reduce(total)
+        if total[1] == 0:
+            return None
+        val_loss = (total[0] / total[1]).item()
+        return {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 80.0))}
+
+    def client_state(self) -> dict[str, Any]:
+        return {**super().client_state(),
+                "manifest_sha256s": list(getattr(self.loader, "manifest_sha256s", []))}
+
+    def save_model_dir(self, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        tok = self.run_dir / "tokenizer"
+        save_model_dir(out, state_dict, self.model_cfg, tokenizer_dir=tok if tok.is_dir() else None,
+                       provenance=provenance(self.run_config))

@@ -1,0 +1,380 @@
+"""The training loop: one :class:`Trainer` for pretraining, fine-tuning and the LR range test.
+
+The loop owns the run directory, resume (with DeepSpeed's universal checkpoints across rank
+counts), saving with the completion marker, preemption, the non-finite step policy, the
+learning-rate schedule (an object it asks), the step metrics and the callbacks; what differs
+per workload is a step module (:mod:`training.steps`): language modelling or a task head.
+:func:`run_training` is the one entry that starts any of them, under the deepspeed launcher,
+torchrun, Slurm, as one plain python process, or inside an initialised gloo group (tests), and
+handles a failed collective the same way for all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from crucible.config import Section, config_to_dict
+from crucible.errors import UserError
+from crucible.provenance import write_provenance
+from crucible.runtime import setup_logging
+from model.flops import flops_per_token
+from model.io import copy_tokenizer_files
+from training import checkpoint as ckpt
+from training.callbacks.base import Callback
+from training.callbacks.faults import FaultInjection
+from training.callbacks.metrics import MetricsLogger
+from training.callbacks.spikes import LossSpikeLogger
+from training.deepspeed_config import (
+    build_deepspeed_config,
+    check_device_support,
+    resolve_batch,
+    save_deepspeed_config,
+)
+from training.engine import DistContext, init_distributed
+from training.faults import BadStepPolicy, PreemptionFlag
+from training.metrics import device_peak_tflops, mfu, peak_memory_gb
+from training.schedule import ConfiguredSchedule, LRSchedule
+from training.steps.base import StepModule
+
+log = logging.getLogger("crucible.training.trainer")
+
+EXIT_COLLECTIVE_FAILED = 3
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue exactly where it stopped (saved as client state)."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+
+
+def write_run_files(run_dir: Path, cfg: Section, ds_config: dict[str, Any], tok_dir: Path | None) -> None:
+    """Rank 0: resolved config + provenance, the DeepSpeed JSON, a copy of the tokenizer."""
+    write_provenance(run_dir, cfg)
+    save_deepspeed_config(ds_config, run_dir / "deepspeed_config.json")
+    if tok_dir is not None:
+        (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+        copy_tokenizer_files(tok_dir, run_dir / "tokenizer")
+
+
+def _broadcast(obj: Any, src: int = 0) -> Any:
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None, bool]:
+    """Rank 0 picks the checkpoint (broadcast so every rank agrees) and whether it must go
+    through DeepSpeed's universal format (saved on another number of ranks, ZeRO 1-3)."""
+    info = None
+    if ctx.rank == 0:
+        info = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.checkpoint.resume)
+    info = _broadcast(info)
+    if info is None:
+        return None, False
+    saved_world = info.marker.get("world_size", ctx.world_size)
+    universal = saved_world != ctx.world_size and info.marker.get("zero_stage", 0) >= 1
+    if universal and cfg.train.zero_stage == 0:
+        raise UserError(
+            f"checkpoint {info.path} was saved with ZeRO stage {info.marker.get('zero_stage')} on "
+            f"{saved_world} ranks; resuming on {ctx.world_size} ranks needs train.zero_stage >= 1"
+        )
+    if universal and ctx.rank == 0:
+        log.info("checkpoint %s was saved on %d ranks, resuming on %d: converting to a universal "
+                 "checkpoint", info.tag, saved_world, ctx.world_size)
+        ckpt.convert_to_universal(info.path)
+    dist.barrier()
+    return info, universal
+
+
+class Trainer:
+    """The loop over optimizer steps of one run (see the module docstring).
+
+    ``checkpoints=False`` saves nothing and resumes from nothing; ``evaluate=False`` never
+    evaluates (the LR range test uses both).
+    """
+
+    def __init__(self, cfg: Any, ctx: DistContext, step_module: StepModule,
+                 callbacks: Sequence[Callback] = (), schedule: LRSchedule | None = None,
+                 checkpoints: bool = True, evaluate: bool = True) -> None:
+        self.cfg, self.ctx, self.step_module = cfg, ctx, step_module
+        self.run_dir = Path(cfg.run_dir)
+        self.callbacks = list(callbacks)
+        self.schedule = schedule or ConfiguredSchedule(cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
+        self.checkpoints, self.evaluations = checkpoints, evaluate
+        self.preempt = PreemptionFlag().install()
+        self.bad_steps = BadStepPolicy(cfg.train.max_bad_steps)
+        self.stop_requested = False
+        self.plan = resolve_batch(cfg.train, ctx.world_size)
+        self.data = step_module.prepare(self.plan)
+        self.resume_from, universal = plan_resume(cfg, ctx) if checkpoints else (None, False)
+        if self.resume_from is not None:
+            ckpt.check_compatible(ckpt.read_trainer_state(self.resume_from.path),
+                                  config_to_dict(step_module.model_cfg), step_module.tokenizer_sha256)
+        self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, ctx.world_size, load_universal=universal)
+        if ctx.rank == 0:
+            write_run_files(self.run_dir, step_module.run_config, self.ds_config, step_module.tokenizer_dir)
+        self.engine, self.optimizer = step_module.build_engine(self.ds_config)
+        self.state = TrainState()
+        if self.resume_from is not None:
+            self._restore(self.resume_from, universal)
+        self.flops_per_token = flops_per_token(step_module.model_cfg, step_module.seq_len)
+        self.peak_tflops = device_peak_tflops(ctx.device, cfg.train.precision, cfg.log.peak_tflops)
+
+    def _fire(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
+
+    def request_stop(self) -> None:
+        """End the loop after the current step (a callback's decision; every rank must agree)."""
+        self.stop_requested = True
+
+    @property
+    def finished(self) -> bool:
+        """``train.max_steps`` or ``train.max_tokens`` reached."""
+        max_tokens = self.cfg.train.max_tokens
+        return self.state.step >= self.cfg.train.max_steps or (
+            max_tokens is not None and self.state.consumed_tokens >= max_tokens)
+
+    # -------------------------------------------------------------------------- resume / save
+    def _restore(self, info: ckpt.CheckpointInfo, universal: bool) -> None:
+        if universal:
+            load_dir, tag = info.path, ckpt.UNIVERSAL
+        else:
+            load_dir, tag = info.path.parent, info.tag
+        load_path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load checkpoint {info.path}; remove it or set checkpoint.resume=never")
+        saved = ckpt.read_trainer_state(info.path)
+        self.state = TrainState(step=saved["step"], consumed_samples=saved["consumed_samples"],
+                                consumed_tokens=saved["consumed_tokens"],
+                                skipped_steps=saved.get("skipped_steps", 0))
+        self.data.load_state_dict(saved["loader"])
+        self.bad_steps.total_skipped = self.state.skipped_steps
+        if hasattr(self.optimizer, "skipped_steps"):
+            self.optimizer.skipped_steps = self.state.skipped_steps
+        same_world = saved.get("world_size") == self.ctx.world_size
+        if same_world:
+            ckpt.restore_rng_state(info.path, self.ctx.rank)
+        log.info(
+            "resumed from %s: step %d, consumed samples %d, consumed tokens %d%s", info.path,
+            self.state.step, self.state.consumed_samples, self.state.consumed_tokens,
+            "" if same_world else f" (saved on {saved.get('world_size')} ranks, universal checkpoint)",
+        )
+
+    def _client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "consumed_samples": self.state.consumed_samples,
+            "consumed_tokens": self.state.consumed_tokens,
+            "skipped_steps": self.state.skipped_steps,
+            "loader": self.data.state_dict(),
+            "world_size": self.ctx.world_size,
+            "zero_stage": self.cfg.train.zero_stage,
+            "config": config_to_dict(self.step_module.run_config),
+            **self.step_module.client_state(),
+        }
+
+    def _weights_finite(self) -> bool:
+        finite = torch.ones(1)
+        for p in self.engine.module.parameters():
+            t = getattr(p, "ds_tensor", p)
+            if t.numel() and not torch.isfinite(t).all():
+                finite.zero_()
+                break
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def save(self) -> float:
+        """Save on every rank; rank 0 marks it complete after a barrier. Returns seconds taken."""
+        start = time.perf_counter()
+        step = self.state.step
+        if not self._weights_finite():
+            raise UserError(f"step {step}: the weights hold non-finite values; no checkpoint written")
+        root = ckpt.checkpoint_root(self.run_dir)
+        tag = ckpt.tag_for(step)
+        path = root / tag
+        if self.ctx.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an incomplete save of the same step from a crashed run
+        dist.barrier()
+        client = self._client_state()
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"crucible": client}, save_latest=False)
+        ckpt.write_rng_state(path, self.ctx.rank)
+        if self.ctx.rank == 0:
+            ckpt.write_trainer_state(path, client)
+        self._fire("rank_saved", path)
+        dist.barrier()  # every rank has written its part
+        if self.ctx.rank == 0:
+            if self.cfg.checkpoint.write_model_dir:
+                self._write_model_dir(path)
+            ckpt.mark_complete(path, {"step": step, "world_size": self.ctx.world_size,
+                                      "zero_stage": self.cfg.train.zero_stage})
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        log.info("saved checkpoint %s in %.2f s", path, seconds)
+        self._fire("post_save", path, seconds)
+        return seconds
+
+    def _write_model_dir(self, path: Path) -> None:
+        """Full fp32 weights (from the ZeRO shards of any stage 1-3) into the step module's
+        model directory."""
+        if self.cfg.train.zero_stage == 0:
+            state = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+        else:
+            state = ckpt.consolidated_fp32_state_dict(path)
+        self.step_module.save_model_dir(path / ckpt.MODEL_DIR, state)
+
+    # ---------------------------------------------------------------------------- the loop
+    def _train_step(self, data: Iterator[Any]) -> tuple[dict[str, float], bool]:
+        """One optimizer step over ``grad_accum_steps`` micro batches; its metrics, and whether
+        a preemption signal reached any rank."""
+        step = self.state.step
+        start = time.perf_counter()
+        batch = [next(data) for _ in range(self.plan.grad_accum_steps)]
+        data_wait = time.perf_counter() - start
+        self._fire("pre_step", batch)
+        lr = self.schedule(step)
+        self.step_module.set_lr(step, lr)
+        if hasattr(self.optimizer, "last_step_skipped"):
+            self.optimizer.last_step_skipped = False
+        out = self.step_module.train_step(batch, step)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        # one collective per step: the step's sums over ranks and the preemption flag
+        stats = torch.tensor([out.loss_sum, out.loss_count, float(out.tokens), float(self.preempt.is_set)],
+                             dtype=torch.float64)
+        dist.all_reduce(stats)
+        step_time = time.perf_counter() - start
+        mean_loss = stats[0].item() / max(stats[1].item(), 1.0)
+        tokens = int(stats[2].item())
+        # ZeRO 1/2 detect the overflow themselves and never call our optimizer; otherwise
+        # SkippingAdamW skipped it (same decision on every rank either way)
+        skipped = bool(getattr(self.optimizer, "last_step_skipped", False)) or not self.engine.was_step_applied()
+        if not skipped and not (math.isfinite(mean_loss) and math.isfinite(grad_norm)) \
+                and self.cfg.optim.implementation == "deepspeed":
+            log.error("step %d: non-finite loss/gradient norm with DeepSpeed's own optimizer, which "
+                      "cannot skip the step; use optim.implementation=torch", step)
+        self.bad_steps.record(step, skipped, mean_loss, grad_norm)
+        self.state.step += 1
+        self.state.skipped_steps = self.bad_steps.total_skipped
+        self.state.consumed_samples += self.plan.global_batch_size
+        self.state.consumed_tokens += tokens
+        tokens_per_second = tokens / step_time
+        metrics = {
+            "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+            "train/tokens_per_second": tokens_per_second,
+            "train/mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_tflops, self.ctx.world_size),
+            "train/data_wait_fraction": data_wait / step_time, "train/step_time": step_time,
+            "train/memory_gb": peak_memory_gb(self.ctx.device),
+            "train/skipped_steps": float(self.state.skipped_steps),
+            **out.extra,
+        }
+        return metrics, stats[3].item() > 0
+
+    def _evaluate(self) -> None:
+        metrics = self.step_module.evaluate()
+        if metrics:
+            self._fire("post_eval", metrics)
+
+    def run(self) -> int:
+        """Train until max_steps / max_tokens, a preemption signal or a callback's stop; returns
+        the exit status."""
+        cfg = self.cfg
+        self.engine.train()
+        data = iter(self.data)
+        log.info("training %s: %d ranks, ZeRO %d, %s, global batch %d (%d x %d x %d), %d tokens/seq, "
+                 "start step %d", self.run_dir, self.ctx.world_size, cfg.train.zero_stage,
+                 cfg.train.precision, self.plan.global_batch_size, self.plan.micro_batch_size,
+                 self.plan.grad_accum_steps, self.plan.data_parallel_size, self.step_module.seq_len,
+                 self.state.step)
+        saved_at = self.state.step if self.resume_from is not None else -1
+        eval_every = cfg.train.eval_every if self.evaluations else 0
+        while not self.finished and not self.stop_requested:
+            metrics, preempted = self._train_step(data)
+            step = self.state.step
+            if eval_every and step % eval_every == 0:
+                self._evaluate()
+            self._fire("post_step", metrics)
+            if preempted:
+                log.warning("preemption signal: saving a checkpoint at step %d and exiting", step)
+                if self.checkpoints:
+                    self.save()
+                self._fire("at_end")
+                return 0
+            if self.checkpoints and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 \
+                    and not self.finished:
+                self.save()
+                saved_at = step
+        if self.evaluations and (eval_every == 0 or self.state.step % eval_every):
+            self._evaluate()
+        if self.checkpoints and saved_at != self.state.step:
+            self.save()
+        self._fire("at_end")
+        log.info("finished at step %d (%d tokens); run directory %s", self.state.step,
+                 self.state.consumed_tokens, self.run_dir)
+        return 0
+
+
+def default_callbacks(cfg: Any, ctx: DistContext) -> list[Callback]:
+    """Metrics writing and loss-spike logging, plus the test faults set in the environment."""
+    callbacks: list[Callback] = [MetricsLogger(Path(cfg.run_dir), ctx.rank, cfg.log.every, cfg.log.tensorboard),
+                                 LossSpikeLogger(cfg.log.loss_spike_factor)]
+    faults = FaultInjection.from_env()
+    return callbacks + ([faults] if faults else [])
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """A dead or hung peer: the process group is broken, no clean teardown is possible."""
+    text = str(exc).lower()
+    return isinstance(exc, getattr(dist, "DistBackendError", ())) or any(
+        s in text for s in ("gloo", "connection closed", "timed out", "timeout", "nccl", "connection reset")
+    )
+
+
+def run_training(cfg: Any, make_step: Callable[[DistContext], StepModule],
+                 callbacks: Callable[[DistContext], Sequence[Callback]] | None = None,
+                 schedule: LRSchedule | None = None, checkpoints: bool = True, evaluate: bool = True) -> int:
+    """Join the process group, build the step module and the loop, train; returns the exit status.
+
+    ``make_step`` and ``callbacks`` receive the distributed context (rank, world size, device);
+    without ``callbacks`` the run gets :func:`default_callbacks`. A failed collective (a rank
+    died, or hung past ``train.collective_timeout_s``) is logged in one line and the process
+    exits with status 3 at once, skipping the broken process group's teardown.
+    """
+    wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    check_device_support(cfg.train, "cuda" if wants_cuda else "cpu")
+    ctx = init_distributed(cfg.train)
+    setup_logging(cfg.log.level, rank=ctx.rank, all_ranks=cfg.log.all_ranks,
+                  rank_log_dir=Path(cfg.run_dir) / "logs" if cfg.log.rank_files else None)
+    trainer = Trainer(cfg, ctx, make_step(ctx),
+                      callbacks(ctx) if callbacks is not None else default_callbacks(cfg, ctx),
+                      schedule=schedule, checkpoints=checkpoints, evaluate=evaluate)
+    try:
+        return trainer.run()
+    except RuntimeError as exc:
+        if not is_collective_failure(exc):
+            raise
+        log.error(
+            "a collective operation failed (a rank died, or hung longer than "
+            "train.collective_timeout_s=%s s): %s; exiting", cfg.train.collective_timeout_s,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        logging.shutdown()
+        os._exit(EXIT_COLLECTIVE_FAILED)  # the process group is broken: skip its teardown
+    finally:
+        trainer.preempt.uninstall()
