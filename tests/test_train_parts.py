@@ -21,7 +21,7 @@ from training.deepspeed_config import (
     resolve_batch,
 )
 from training.faults import BadStepPolicy, TrainingDiverged
-from training.metrics import device_peak_tflops, measure_cpu_gemm_tflops, mfu
+from training.metrics import device_peak_tflops, gpu_peak_tflops, measure_cpu_gemm_tflops, mfu
 from training.optim import SkippingAdamW, param_groups
 from training.schedule import lr_at
 
@@ -253,6 +253,21 @@ def test_mfu_and_peaks():
     assert device_peak_tflops(torch.device("cpu"), "fp32", override=12.5) == 12.5
     measured = measure_cpu_gemm_tflops(256, repeats=2)
     assert 1e-4 < measured < 100
+    assert mfu(1000.0, 6e9, None, 2) is None
+
+
+@pytest.mark.parametrize("name,precision,tf32,peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", False, 989.4), ("NVIDIA H100 PCIe", "bf16", False, 756.5),
+    ("NVIDIA H100 NVL", "bf16", False, 835.5), ("NVIDIA H200", "bf16", False, 989.4),
+    ("NVIDIA H200 NVL", "bf16", False, 835.5), ("NVIDIA A100-SXM4-40GB", "bf16", False, 312.0),
+    ("NVIDIA A100 80GB PCIe", "fp32", True, 156.0), ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5),
+    ("NVIDIA L4", "bf16", False, 121.0), ("NVIDIA L40", "bf16", False, 181.0),
+    ("NVIDIA L40S", "bf16", False, 362.1), ("NVIDIA B200", "bf16", False, 2250.0),
+    ("NVIDIA H100 80GB HBM3", "fp32", True, 494.7), ("Tesla V100-SXM2-32GB", "bf16", False, None),
+    ("NVIDIA GH200 480GB", "bf16", False, None), ("NVIDIA L40 Super", "bf16", False, None),
+])
+def test_gpu_peaks_match_whole_device_names(name, precision, tf32, peak):
+    assert gpu_peak_tflops(name, precision, tf32=tf32) == peak
 
 
 def test_cpu_tiny_recipe_loads():

@@ -35,12 +35,21 @@ def _free_port() -> int:
 
 
 def resolve_device(train: TrainConfig, local_rank: int) -> torch.device:
+    """The run's device: CPU, or the GPU ``local_rank % visible GPUs`` (so a rank that sees only
+    its own GPU, as under Slurm with one GPU per task, takes GPU 0 whatever its local rank)."""
     if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for tensors on GPUs plus gloo for CPU tensors, object collectives and barriers
+    (torch picks the backend by the tensor's device); gloo alone on CPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def init_distributed(train: TrainConfig) -> DistContext:
@@ -64,19 +73,20 @@ def init_distributed(train: TrainConfig) -> DistContext:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(train, local_rank)
+    device = resolve_device(train, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cpu" and os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         raise ConfigError("training on CPU needs the environment variable DS_ACCELERATOR=cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        os.environ["LOCAL_RANK"] = str(device.index)  # DeepSpeed places the engine by LOCAL_RANK
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=timedelta(seconds=train.collective_timeout_s),
-            auto_mpi_discovery=False,
+        world = int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(
+            process_group_backend(device), timeout=timedelta(seconds=train.collective_timeout_s),
+            # binding the GPU lets NCCL connect eagerly; a single rank has no peer to reach
+            device_id=device if device.type == "cuda" and world > 1 else None,
         )
-    else:
-        deepspeed.init_distributed(dist_backend=backend)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    deepspeed.init_distributed(dist_backend=process_group_backend(device))
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
 
 
 def partitioned_init(ds_config: dict[str, Any]) -> AbstractContextManager:

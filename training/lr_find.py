@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 
 from crucible.errors import ConfigError
 from training.callbacks.base import Callback
 from training.callbacks.faults import FaultInjection
+from training.collectives import barrier
 from training.schedule import ExponentialSchedule
 from training.steps.task import TaskStep
 from training.tasks.config import FinetuneConfig
@@ -105,7 +105,7 @@ class LRRangeTest(Callback):
             (out / "lr_find.json").write_text(json.dumps(record, indent=2) + "\n")
             print(f"suggested learning rate: {result['suggested_lr']:.3g} "
                   f"(plot: {out / 'lr_find.png'}; set optim.lr={result['suggested_lr']:.3g})")
-        dist.barrier()
+        barrier()
 
 
 def lr_find(cfg: FinetuneConfig, start_lr: float, end_lr: float, steps: int) -> int:

@@ -19,20 +19,45 @@ import torch
 
 log = logging.getLogger("crucible.training.metrics")
 
-# Dense peak TFLOP/s per GPU by precision (vendor datasheets, no sparsity). Matched by substring
-# of torch.cuda.get_device_name(), first match wins (so "H100 PCIe" is listed before "H100").
-GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-    ("A10G", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
-    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
-    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
-    ("V100", {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7}),
-    ("MI300X", {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4}),
-    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6}),
-]
+# Dense peak TFLOP/s of one GPU by the precision of its matrix multiplications (vendor
+# datasheets, no sparsity): bf16/fp16 tensor cores, tf32 (fp32 training with TF32 matmuls
+# allowed) and plain fp32. A100 40 GB and 80 GB, SXM and PCIe, share their compute peaks.
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H200 SXM": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "B200": {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 80.0},
+    "A100 40GB": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "A100 80GB": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "L40": {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+}
+# torch.cuda.get_device_name() -> the row above; whole names only, so an L40 is never taken
+# for an L4 nor an H100 NVL for an H100 SXM
+GPU_MODELS: dict[str, str] = {
+    "NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe",
+    "NVIDIA H100 NVL": "H100 NVL", "NVIDIA H200": "H200 SXM", "NVIDIA H200 NVL": "H200 NVL",
+    "NVIDIA B200": "B200",
+    "NVIDIA A100-SXM4-40GB": "A100 40GB", "NVIDIA A100-PCIE-40GB": "A100 40GB",
+    "NVIDIA A100-SXM4-80GB": "A100 80GB", "NVIDIA A100 80GB PCIe": "A100 80GB",
+    "NVIDIA L40S": "L40S", "NVIDIA L40": "L40", "NVIDIA L4": "L4", "NVIDIA A10G": "A10G",
+    "Tesla V100-SXM2-16GB": "V100", "Tesla V100-SXM2-32GB": "V100", "Tesla V100-PCIE-16GB": "V100",
+    "Tesla V100-PCIE-32GB": "V100", "NVIDIA GeForce RTX 4090": "RTX 4090",
+}
+_warned_unknown: set[str] = set()
+
+
+def gpu_peak_tflops(name: str, precision: str, tf32: bool = False) -> float | None:
+    """Dense peak of the GPU called ``name`` for ``precision`` (fp32 with ``tf32`` matmuls uses
+    the TF32 peak), or None for a GPU (or precision) not in the table."""
+    peaks = GPU_PEAK_TFLOPS.get(GPU_MODELS.get(name.strip(), ""), {})
+    return peaks.get("tf32" if precision == "fp32" and tf32 else precision)
 
 
 def measure_cpu_gemm_tflops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -48,18 +73,20 @@ def measure_cpu_gemm_tflops(size: int = 1024, repeats: int = 5, dtype: torch.dty
     return 2 * size**3 / best / 1e12
 
 
-def device_peak_tflops(device: torch.device, precision: str, override: float | None = None) -> float:
-    """Peak TFLOP/s of one device: the override, the GPU table, or a measured CPU GEMM peak."""
+def device_peak_tflops(device: torch.device, precision: str, override: float | None = None) -> float | None:
+    """Peak TFLOP/s of one device: ``log.peak_tflops``, the GPU table, or on CPU a measured GEMM
+    peak. An unknown GPU warns once and gives None (no MFU): a CPU peak means nothing there."""
     if override is not None:
         return override
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK_TFLOPS:
-            if key in name and peaks.get(precision):
-                return peaks[precision]
-        log.warning("unknown GPU %r: MFU uses a measured GEMM peak; set log.peak_tflops to fix", name)
-        return measure_cpu_gemm_tflops(4096, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    return measure_cpu_gemm_tflops()
+    if device.type != "cuda":
+        return measure_cpu_gemm_tflops()
+    name = torch.cuda.get_device_name(device)
+    peak = gpu_peak_tflops(name, precision, tf32=torch.backends.cuda.matmul.allow_tf32)
+    if peak is None and name not in _warned_unknown:
+        _warned_unknown.add(name)
+        log.warning("no peak TFLOP/s known for GPU %r at %s: MFU is not reported; set "
+                    "log.peak_tflops to the dense peak of one GPU", name, precision)
+    return peak
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -107,7 +134,10 @@ def model_state_bytes(engine: Any) -> int:
     return sum(seen.values())
 
 
-def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops_per_device: float, devices: int) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices."""
-    peak = peak_tflops_per_device * 1e12 * devices
-    return tokens_per_second * flops_per_token / peak if peak > 0 else 0.0
+def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops_per_device: float | None,
+        devices: int) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices (None when the
+    peak is unknown)."""
+    if not peak_tflops_per_device:
+        return None
+    return tokens_per_second * flops_per_token / (peak_tflops_per_device * 1e12 * devices)

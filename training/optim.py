@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 
+from training.collectives import true_on_every_rank
 from training.config import OptimConfig
 
 
@@ -37,12 +37,22 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict[str, A
     return groups
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: every element of ``tensors`` is finite. One fused multi-tensor norm per
+    device and dtype and no host sync (a finite tensor whose norm overflows counts as non-finite:
+    values beyond ~1e19 in fp32, a step to skip anyway)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors, foreach=True))
+
+
 class SkippingAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` that skips a step whose gradients are non-finite on any rank.
 
     DeepSpeed checks for overflow only in fp16; in fp32/bf16 one NaN gradient would poison the
     weights. ZeRO hands this optimizer the (clipped) gradients of each rank's partition, so the
-    check all-reduces one flag and every rank skips or steps together. ``skipped_steps`` counts
+    check (one fused reduction, see :func:`all_finite`) all-reduces one flag and every rank skips
+    or steps together. ``skipped_steps`` counts
     the skipped steps; ``last_step_skipped`` tells the trainer about the current one.
     """
 
@@ -60,19 +70,12 @@ class SkippingAdamW(torch.optim.AdamW):
     def _clip(self) -> None:
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.clip_grad if self.clip_grad else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        self._global_grad_norm = float(norm)
+        # kept as a tensor: the loop reads it with the step's other numbers (one host sync)
+        self._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
     def _all_grads_finite(self) -> bool:
-        finite = torch.ones(1)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    finite.zero_()
-                    break
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return true_on_every_rank(all_finite(grads))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]

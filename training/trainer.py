@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from crucible.config import Section, config_to_dict
 from crucible.errors import UserError
@@ -35,6 +34,7 @@ from training.callbacks.base import Callback
 from training.callbacks.faults import FaultInjection
 from training.callbacks.metrics import MetricsLogger
 from training.callbacks.spikes import LossSpikeLogger
+from training.collectives import barrier, broadcast_object, sum_over_ranks, true_on_every_rank
 from training.deepspeed_config import (
     build_deepspeed_config,
     check_device_support,
@@ -44,6 +44,7 @@ from training.deepspeed_config import (
 from training.engine import DistContext, init_distributed
 from training.faults import BadStepPolicy, PreemptionFlag
 from training.metrics import device_peak_tflops, mfu, peak_memory_gb
+from training.optim import all_finite
 from training.schedule import ConfiguredSchedule, LRSchedule
 from training.steps.base import StepModule
 
@@ -71,19 +72,13 @@ def write_run_files(run_dir: Path, cfg: Section, ds_config: dict[str, Any], tok_
         copy_tokenizer_files(tok_dir, run_dir / "tokenizer")
 
 
-def _broadcast(obj: Any, src: int = 0) -> Any:
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None, bool]:
     """Rank 0 picks the checkpoint (broadcast so every rank agrees) and whether it must go
     through DeepSpeed's universal format (saved on another number of ranks, ZeRO 1-3)."""
     info = None
     if ctx.rank == 0:
         info = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.checkpoint.resume)
-    info = _broadcast(info)
+    info = broadcast_object(info)
     if info is None:
         return None, False
     saved_world = info.marker.get("world_size", ctx.world_size)
@@ -97,7 +92,7 @@ def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None,
         log.info("checkpoint %s was saved on %d ranks, resuming on %d: converting to a universal "
                  "checkpoint", info.tag, saved_world, ctx.world_size)
         ckpt.convert_to_universal(info.path)
-    dist.barrier()
+    barrier()
     return info, universal
 
 
@@ -190,14 +185,9 @@ class Trainer:
         }
 
     def _weights_finite(self) -> bool:
-        finite = torch.ones(1)
-        for p in self.engine.module.parameters():
-            t = getattr(p, "ds_tensor", p)
-            if t.numel() and not torch.isfinite(t).all():
-                finite.zero_()
-                break
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
+        # ZeRO-3 ranks hold partitions (ds_tensor); the others full parameters
+        local = [t for t in (getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()) if t.numel()]
+        return true_on_every_rank(all_finite(local).to(self.ctx.device))
 
     def save(self) -> float:
         """Save on every rank; rank 0 marks it complete after a barrier. Returns seconds taken."""
@@ -210,21 +200,21 @@ class Trainer:
         path = root / tag
         if self.ctx.rank == 0 and path.exists():
             shutil.rmtree(path)  # an incomplete save of the same step from a crashed run
-        dist.barrier()
+        barrier()
         client = self._client_state()
         self.engine.save_checkpoint(str(root), tag=tag, client_state={"crucible": client}, save_latest=False)
         ckpt.write_rng_state(path, self.ctx.rank)
         if self.ctx.rank == 0:
             ckpt.write_trainer_state(path, client)
         self._fire("rank_saved", path)
-        dist.barrier()  # every rank has written its part
+        barrier()  # every rank has written its part
         if self.ctx.rank == 0:
             if self.cfg.checkpoint.write_model_dir:
                 self._write_model_dir(path)
             ckpt.mark_complete(path, {"step": step, "world_size": self.ctx.world_size,
                                       "zero_stage": self.cfg.train.zero_stage})
             ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
-        dist.barrier()
+        barrier()
         seconds = time.perf_counter() - start
         log.info("saved checkpoint %s in %.2f s", path, seconds)
         self._fire("post_save", path, seconds)
@@ -253,15 +243,19 @@ class Trainer:
         if hasattr(self.optimizer, "last_step_skipped"):
             self.optimizer.last_step_skipped = False
         out = self.step_module.train_step(batch, step)
+        device = self.ctx.device
+        # one collective and one host sync per step: the step's sums over ranks with the
+        # preemption flag, read together with the (already global) gradient norm
+        local = [out.loss_sum, out.loss_count, out.tokens, float(self.preempt.is_set)]
+        stats = sum_over_ranks(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                            for v in local]), device)
         grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        # one collective per step: the step's sums over ranks and the preemption flag
-        stats = torch.tensor([out.loss_sum, out.loss_count, float(out.tokens), float(self.preempt.is_set)],
-                             dtype=torch.float64)
-        dist.all_reduce(stats)
+        grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
+                                    dtype=torch.float64, device=device)
+        loss_sum, loss_count, tokens, stop, grad_norm = torch.cat([stats, grad_norm.reshape(1)]).tolist()
         step_time = time.perf_counter() - start
-        mean_loss = stats[0].item() / max(stats[1].item(), 1.0)
-        tokens = int(stats[2].item())
+        mean_loss = loss_sum / max(loss_count, 1.0)
+        tokens = int(tokens)
         # ZeRO 1/2 detect the overflow themselves and never call our optimizer; otherwise
         # SkippingAdamW skipped it (same decision on every rank either way)
         skipped = bool(getattr(self.optimizer, "last_step_skipped", False)) or not self.engine.was_step_applied()
@@ -275,16 +269,17 @@ class Trainer:
         self.state.consumed_samples += self.plan.global_batch_size
         self.state.consumed_tokens += tokens
         tokens_per_second = tokens / step_time
+        utilisation = mfu(tokens_per_second, self.flops_per_token, self.peak_tflops, self.ctx.world_size)
         metrics = {
             "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
             "train/tokens_per_second": tokens_per_second,
-            "train/mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_tflops, self.ctx.world_size),
+            **({"train/mfu": utilisation} if utilisation is not None else {}),
             "train/data_wait_fraction": data_wait / step_time, "train/step_time": step_time,
             "train/memory_gb": peak_memory_gb(self.ctx.device),
             "train/skipped_steps": float(self.state.skipped_steps),
             **out.extra,
         }
-        return metrics, stats[3].item() > 0
+        return metrics, stop > 0
 
     def _evaluate(self) -> None:
         metrics = self.step_module.evaluate()
@@ -341,7 +336,7 @@ def default_callbacks(cfg: Any, ctx: DistContext) -> list[Callback]:
 def is_collective_failure(exc: BaseException) -> bool:
     """A dead or hung peer: the process group is broken, no clean teardown is possible."""
     text = str(exc).lower()
-    return isinstance(exc, getattr(dist, "DistBackendError", ())) or any(
+    return isinstance(exc, getattr(torch.distributed, "DistBackendError", ())) or any(
         s in text for s in ("gloo", "connection closed", "timed out", "timeout", "nccl", "connection reset")
     )
 

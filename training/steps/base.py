@@ -46,8 +46,9 @@ class StepOutput:
     language modelling, per label for task heads.
     """
 
-    loss_sum: float
-    loss_count: float
+    loss_sum: float | torch.Tensor
+    """This rank's summed loss (best a 0-d tensor on the device: read once, by the loop)."""
+    loss_count: float | torch.Tensor
     tokens: int
     """Tokens this rank trained on in the step (for tokens/s and ``consumed_tokens``)."""
     extra: dict[str, float] = field(default_factory=dict)

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from crucible.errors import UserError
 from crucible.provenance import provenance
@@ -25,6 +24,7 @@ from model.io import find_model_dir, load_model_dir
 from model.task_io import save_task_dir
 from model.transformer import Transformer
 from training.callbacks.base import Callback
+from training.collectives import barrier, gather_objects, sum_over_ranks
 from training.deepspeed_config import BatchPlan
 from training.engine import DistContext, build_engine
 from training.optim import build_optimizer, param_groups
@@ -99,18 +99,18 @@ class TaskStep(StepModule):
     def train_step(self, batch: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> StepOutput:
         """The loss is the sum over every label of the global step divided by their global
         count (so padding, uneven micro batches and ranks weigh per label)."""
-        labels = sum(self.task.label_count(target) for _, target in batch)
-        global_labels = torch.tensor([float(labels)], dtype=torch.float64)
-        dist.all_reduce(global_labels)  # before any forward: every micro batch needs the scale
-        # DeepSpeed divides by the accumulation steps and averages over ranks; undo both
-        scale = len(batch) * self.ctx.world_size / max(global_labels.item(), 1.0)
         device = self.ctx.device
-        loss_total = 0.0
+        labels = sum(self.task.label_count(target) for _, target in batch)  # from host targets
+        # before any forward: every micro batch needs the global count (kept on the device)
+        global_labels = sum_over_ranks(torch.tensor(float(labels), dtype=torch.float64), device)
+        # DeepSpeed divides by the accumulation steps and averages over ranks; undo both
+        scale = (len(batch) * self.ctx.world_size / global_labels.clamp(min=1.0)).float()
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
         for tokens, target in batch:
             loss_sum = self.task.loss(self.engine(tokens.to(device)), target.to(device))
             self.engine.backward(loss_sum * scale)
             self.engine.step()
-            loss_total += float(loss_sum.detach())
+            loss_total += loss_sum.detach().double()
         real_tokens = sum(int((tokens != self.pad_id).sum()) for tokens, _ in batch)
         return StepOutput(loss_total, float(labels), real_tokens)
 
@@ -133,9 +133,7 @@ class TaskStep(StepModule):
         for _ in range(n_batches - math.ceil(len(mine) / micro)):
             self.engine(torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.ctx.device))
         self.engine.train()
-        gathered: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(gathered, out)
-        merged = {k: v for part in gathered for k, v in part.items()}
+        merged = {k: v for part in gather_objects(out, self.ctx.world_size) for k, v in part.items()}
         return [merged[k] for k in range(len(rows))]
 
     def task_metrics(self, split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -199,4 +197,4 @@ class TaskReport(Callback):
                 f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
             shown = " ".join(f"{k}={v:.4g}" for k, v in test.items())
             log.info("test: %s (metrics.json, predictions_test.jsonl in %s)", shown, trainer.run_dir)
-        dist.barrier()
+        barrier()
