@@ -29,6 +29,17 @@ from model.config import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def normal_init_(weight: torch.Tensor, std: float) -> None:
+    """``weight`` <- N(0, std) drawn from torch's CPU generator whatever the weight's device, so
+    the same seed gives the same weights on CPU and GPU (and under ``deepspeed.zero.Init``); one
+    parameter at a time passes through host memory, never the whole model."""
+    if weight.device.type in ("cpu", "meta"):
+        nn.init.normal_(weight, mean=0.0, std=std)
+    else:
+        with torch.no_grad():
+            weight.copy_(torch.empty(weight.shape, dtype=weight.dtype, device="cpu").normal_(0.0, std))
+
+
 class Linear(nn.Module):
     """Bias-free linear layer, initialised N(0, std) in its constructor.
 
@@ -46,7 +57,7 @@ class Linear(nn.Module):
 
     def reset_parameters(self) -> None:
         if not self.tied:
-            nn.init.normal_(self.weight, mean=0.0, std=self.std)
+            normal_init_(self.weight, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
@@ -60,7 +71,7 @@ class Embedding(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        normal_init_(self.weight, self.std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.weight)
@@ -284,9 +295,13 @@ class Transformer(nn.Module):
 
 def build_transformer(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
                       dtype: torch.dtype | None = None) -> Transformer:
-    """A model with initialised weights on ``device`` (``seed`` given: seeded torch RNG)."""
+    """A model with initialised weights on ``device`` (``seed`` given: seeded torch RNG), built on
+    the meta device and materialised there: no full copy in host memory, and the same weights
+    for the same seed on every device (see :func:`normal_init_`)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.device(device):
-        model = Transformer(cfg)
+    model.init_weights()
     return model.to(dtype or DTYPES[cfg.dtype])

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from crucible.errors import DataError, UserError
@@ -17,7 +16,8 @@ from data_pipeline.loader.evaluation import build_eval_loader
 from data_pipeline.loader.train import build_train_loader
 from model.config import ModelConfig, resolve_model_config
 from model.io import save_model_dir
-from model.transformer import Transformer
+from model.transformer import Transformer, build_transformer
+from training.collectives import sum_over_ranks
 from training.config import PretrainConfig
 from training.deepspeed_config import BatchPlan
 from training.engine import DistContext, build_engine, partitioned_init
@@ -58,6 +58,19 @@ def tokenizer_source_dir(loader: Any, manifest_path: str) -> Path | None:
     return None
 
 
+def build_language_model(model_cfg: ModelConfig, ds_config: dict[str, Any], seed: int,
+                         device: torch.device) -> Transformer:
+    """The Transformer with its fp32 initial weights, never whole in host memory: under ZeRO-3
+    built inside ``deepspeed.zero.Init`` (partitioned as it is created), otherwise on the meta
+    device and materialised on the training device. The same seed gives the same weights on
+    every device and ZeRO stage."""
+    if ds_config["zero_optimization"]["stage"] == 3:
+        torch.manual_seed(seed)
+        with partitioned_init(ds_config):
+            return Transformer(model_cfg)
+    return build_transformer(model_cfg, device=device, seed=seed, dtype=torch.float32)
+
+
 class LanguageModelStep(StepModule):
     """Next-token cross-entropy over packed sequences (no padding), validation loss and
     perplexity on the manifests' validation splits."""
@@ -83,9 +96,7 @@ class LanguageModelStep(StepModule):
         return self.loader
 
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
-        torch.manual_seed(self.cfg.train.seed)
-        with partitioned_init(ds_config):
-            model = Transformer(self.model_cfg)
+        model = build_language_model(self.model_cfg, ds_config, self.cfg.train.seed, self.ctx.device)
         optim = self.cfg.optim
         groups = param_groups(model, optim)
         optimizer = (None if optim.implementation == "deepspeed"
@@ -102,7 +113,7 @@ class LanguageModelStep(StepModule):
         """Every micro batch holds the same number of tokens (packed, no padding), so the mean
         of the micro-batch means over steps and ranks is the per-token mean."""
         extra: dict[str, float] = {}
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # read by the loop
         for micro, tokens in enumerate(batch):
             loss = self._loss(tokens)
             self.engine.backward(loss)
@@ -112,9 +123,9 @@ class LanguageModelStep(StepModule):
                 # the first): after the last backward, before the optimizer step
                 self.model_state_gb = extra["memory/model_state_gb"] = model_state_bytes(self.engine) / 1024**3
             self.engine.step()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
         tokens = sum(t.shape[0] * (t.shape[1] - 1) for t in batch)
-        return StepOutput(loss_sum.item(), float(len(batch)), tokens, extra)
+        return StepOutput(loss_sum, float(len(batch)), tokens, extra)
 
     def evaluate(self) -> dict[str, float] | None:
         """Mean per-token validation loss over ``train.eval_batches`` micro batches per rank."""
@@ -127,19 +138,21 @@ class LanguageModelStep(StepModule):
                 self._val_warned = True
             return None
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        count = 0
         with torch.no_grad():
             for i, tokens in enumerate(batches):
                 if i >= self.cfg.train.eval_batches:
                     break
-                loss = self._loss(tokens)
                 n = tokens[:, 1:].numel()
-                total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+                loss_sum += self._loss(tokens).double() * n
+                count += n
         self.engine.train()
-        dist.all_reduce(total)
-        if total[1] == 0:
+        local = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=self.ctx.device)])
+        total_loss, total_count = sum_over_ranks(local, self.ctx.device).tolist()
+        if total_count == 0:
             return None
-        val_loss = (total[0] / total[1]).item()
+        val_loss = total_loss / total_count
         return {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 80.0))}
 
     def client_state(self) -> dict[str, Any]:
