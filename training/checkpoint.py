@@ -235,9 +235,22 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
     return out
 
 
-def consolidated_fp32_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from the ZeRO shards of any stage 1-3 (DeepSpeed's zero_to_fp32)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def full_fp32_state_dict(module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The full fp32 weights of a DeepSpeed engine's module, on the host of the rank that
+    ``keep``s them (the others get None); every rank must call it (a collective per parameter).
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    return {k: v.contiguous() for k, v in state.items()}
+    The fp32 master weights come from the optimizer's partitions (ZeRO 1-3, and DeepSpeed's
+    BF16_Optimizer, whose checkpoint files ``zero_to_fp32`` cannot read); without ZeRO and mixed
+    precision the module holds them. Parameters are gathered one at a time, so no rank but the
+    keeper holds more than one full parameter. Tied parameters appear once.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            full = param.detach()
+        if keep:
+            state[name] = full.float().cpu().contiguous()
+    return state if keep else None

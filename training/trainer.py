@@ -110,6 +110,13 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.callbacks = list(callbacks)
         self.schedule = schedule or ConfiguredSchedule(cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
+        if schedule is None and cfg.schedule.warmup_steps >= cfg.train.max_steps:
+            log.warning(
+                "schedule.warmup_steps (%d) >= train.max_steps (%d): the whole run is warm-up and "
+                "the learning rate ends at %.3g of optim.lr=%g (a shortened run; set "
+                "schedule.warmup_steps below train.max_steps for the recipe's schedule)",
+                cfg.schedule.warmup_steps, cfg.train.max_steps,
+                self.schedule(cfg.train.max_steps - 1) / cfg.optim.lr, cfg.optim.lr)
         self.checkpoints, self.evaluations = checkpoints, evaluate
         self.preempt = PreemptionFlag().install()
         self.bad_steps = BadStepPolicy(cfg.train.max_bad_steps)
@@ -208,9 +215,11 @@ class Trainer:
             ckpt.write_trainer_state(path, client)
         self._fire("rank_saved", path)
         barrier()  # every rank has written its part
+        if self.cfg.checkpoint.write_model_dir:
+            state = ckpt.full_fp32_state_dict(self.engine.module, keep=self.ctx.rank == 0)
+            if state is not None:
+                self.step_module.save_model_dir(path / ckpt.MODEL_DIR, state)
         if self.ctx.rank == 0:
-            if self.cfg.checkpoint.write_model_dir:
-                self._write_model_dir(path)
             ckpt.mark_complete(path, {"step": step, "world_size": self.ctx.world_size,
                                       "zero_stage": self.cfg.train.zero_stage})
             ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
@@ -219,15 +228,6 @@ class Trainer:
         log.info("saved checkpoint %s in %.2f s", path, seconds)
         self._fire("post_save", path, seconds)
         return seconds
-
-    def _write_model_dir(self, path: Path) -> None:
-        """Full fp32 weights (from the ZeRO shards of any stage 1-3) into the step module's
-        model directory."""
-        if self.cfg.train.zero_stage == 0:
-            state = {k: v.float() for k, v in self.engine.module.state_dict().items()}
-        else:
-            state = ckpt.consolidated_fp32_state_dict(path)
-        self.step_module.save_model_dir(path / ckpt.MODEL_DIR, state)
 
     # ---------------------------------------------------------------------------- the loop
     def _train_step(self, data: Iterator[Any]) -> tuple[dict[str, float], bool]:
@@ -292,11 +292,12 @@ class Trainer:
         cfg = self.cfg
         self.engine.train()
         data = iter(self.data)
-        log.info("training %s: %d ranks, ZeRO %d, %s, global batch %d (%d x %d x %d), %d tokens/seq, "
-                 "start step %d", self.run_dir, self.ctx.world_size, cfg.train.zero_stage,
-                 cfg.train.precision, self.plan.global_batch_size, self.plan.micro_batch_size,
-                 self.plan.grad_accum_steps, self.plan.data_parallel_size, self.step_module.seq_len,
-                 self.state.step)
+        basic_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside ZeRO's wrapper
+        log.info("training %s: %d ranks, ZeRO %d, %s, optimizer %s, global batch %d (%d x %d x %d), "
+                 "%d tokens/seq, start step %d", self.run_dir, self.ctx.world_size, cfg.train.zero_stage,
+                 cfg.train.precision, type(basic_optimizer).__name__, self.plan.global_batch_size,
+                 self.plan.micro_batch_size, self.plan.grad_accum_steps, self.plan.data_parallel_size,
+                 self.step_module.seq_len, self.state.step)
         saved_at = self.state.step if self.resume_from is not None else -1
         eval_every = cfg.train.eval_every if self.evaluations else 0
         while not self.finished and not self.stop_requested:
