@@ -38,6 +38,17 @@ def test_batch_arithmetic_error_shows_all_four_numbers():
     assert "grad_accum_steps=3" in msg  # 24 / (4 x 2)
 
 
+def test_accumulation_is_derived_from_the_global_batch_on_any_gpu_count():
+    train = TrainConfig(micro_batch_size=16, global_batch_size=512)
+    assert [resolve_batch(train, gpus).grad_accum_steps for gpus in (1, 2, 8, 32)] == [32, 16, 4, 1]
+    assert resolve_batch(TrainConfig(micro_batch_size=3), 4).grad_accum_steps == 1
+    with pytest.raises(ConfigError) as err:
+        resolve_batch(train, 3)
+    assert "512" in str(err.value) and "16" in str(err.value) and "(3) = 48" in str(err.value)
+    with pytest.raises(ConfigError, match=r"= 1024"):
+        resolve_batch(train, 64)  # 16 x 64 GPUs is already more than the global batch
+
+
 def test_batch_arithmetic_ok_and_default_global():
     assert resolve_batch(TrainConfig(micro_batch_size=4, grad_accum_steps=2, global_batch_size=16), 2) \
         .global_batch_size == 16
@@ -290,10 +301,14 @@ def test_dry_run_prints_deepspeed_config_and_memory(capsys):
 def test_dry_run_batch_mismatch_exits_2(capsys):
     from launcher.pretrain import main
 
-    rc = main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run", "--world-size", "4"])
+    rc = main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run", "--world-size", "4",
+               "train.grad_accum_steps=4"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "train.global_batch_size (512)" in err and "data-parallel size (4) = 256" in err
+    # as shipped, the recipe derives its accumulation and runs on 4 GPUs
+    assert main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run", "--world-size", "4"]) == 0
+    assert '"gradient_accumulation_steps": 8' in capsys.readouterr().out
 
 
 def test_fp16_on_cpu_is_refused_before_starting(capsys, tmp_path):

@@ -58,8 +58,8 @@ class TrainConfig(Section):
     """Also stop once this many training tokens were consumed (null: no token limit)."""
     micro_batch_size: int = Field(8, gt=0)
     """Sequences per rank per forward pass."""
-    grad_accum_steps: int = Field(1, gt=0)
-    """Micro batches accumulated per optimizer step."""
+    grad_accum_steps: int | None = Field(None, gt=0)
+    """Micro batches accumulated per optimizer step (null: global_batch_size / (micro_batch_size x data-parallel size) when global_batch_size is set, else 1)."""
     global_batch_size: int | None = Field(None, gt=0)
     """Sequences per optimizer step over all ranks; checked against micro_batch x grad_accum x data-parallel size."""
     zero_stage: Literal[0, 1, 2, 3] = 1
@@ -144,11 +144,3 @@ class PretrainConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> "PretrainConfig":
-        if self.schedule.warmup_steps >= self.train.max_steps and self.train.max_steps > 1:
-            raise ValueError(
-                f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be below "
-                f"train.max_steps ({self.train.max_steps})"
-            )
-        return self

@@ -26,26 +26,41 @@ class BatchPlan:
 
 
 def resolve_batch(train: TrainConfig, data_parallel_size: int) -> BatchPlan:
-    """Check ``global_batch_size == micro_batch_size x grad_accum_steps x data_parallel_size``.
+    """``global_batch_size = micro_batch_size x grad_accum_steps x data_parallel_size``.
 
-    ``global_batch_size`` null means "whatever the product is". The error shows all four numbers
-    and how to fix them, because on a cluster the data-parallel size changes with the hostfile.
+    ``grad_accum_steps`` null derives the accumulation from ``global_batch_size`` (so a recipe
+    keeps its global batch on any number of GPUs), or is 1 without one; ``global_batch_size``
+    null means "whatever the product is". An error shows all the numbers and how to fix them,
+    because on a cluster the data-parallel size changes with the hostfile.
     """
     if data_parallel_size <= 0:
         raise ConfigError(f"data-parallel size must be positive, got {data_parallel_size}")
-    product = train.micro_batch_size * train.grad_accum_steps * data_parallel_size
+    per_step = train.micro_batch_size * data_parallel_size
+    accum = train.grad_accum_steps
+    if accum is None:
+        if train.global_batch_size is None:
+            accum = 1
+        elif train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
+                f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size "
+                f"({data_parallel_size}) = {per_step}, so no accumulation fits; choose a micro batch "
+                "or a GPU count that divides it, or set train.global_batch_size"
+            )
+        else:
+            accum = train.global_batch_size // per_step
+    product = per_step * accum
     if train.global_batch_size is not None and train.global_batch_size != product:
         hint = ""
-        per_rank = train.micro_batch_size * data_parallel_size
-        if train.global_batch_size % per_rank == 0:
-            hint = f" (e.g. train.grad_accum_steps={train.global_batch_size // per_rank})"
+        if train.global_batch_size % per_step == 0:
+            hint = f" (e.g. train.grad_accum_steps={train.global_batch_size // per_step}, or null to derive it)"
         raise ConfigError(
             f"train.global_batch_size ({train.global_batch_size}) must equal "
             f"train.micro_batch_size ({train.micro_batch_size}) x train.grad_accum_steps "
-            f"({train.grad_accum_steps}) x data-parallel size ({data_parallel_size}) = {product}; "
+            f"({accum}) x data-parallel size ({data_parallel_size}) = {product}; "
             f"change one of them{hint} or set train.global_batch_size=null"
         )
-    return BatchPlan(train.micro_batch_size, train.grad_accum_steps, data_parallel_size, product)
+    return BatchPlan(train.micro_batch_size, accum, data_parallel_size, product)
 
 
 def check_device_support(train: TrainConfig, device_type: str) -> None:
