@@ -1,5 +1,5 @@
 """The fine-tune stage: batch order and resume, a 2-rank ZeRO-2 run through the deepspeed
-launcher, NER and QA runs, prediction, bad-data errors."""
+launcher, prediction, bad-data errors (the NER and QA recipes run in tests/test_recipes.py)."""
 
 import json
 import subprocess
@@ -108,20 +108,6 @@ def test_two_rank_zero2_finetune_resume_and_predict(tiny_model_dir, tmp_path):
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     assert [x["text"] for x in lines] == inputs.read_text().splitlines()
     assert all(x["prediction"] in ("0", "1") and 0.5 <= x["probability"] <= 1 for x in lines)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe,keys", [("wikigold", {"precision", "recall", "f1"}),
-                                         ("xquad_en", {"exact_match", "f1", "answers_not_on_token_boundaries"})])
-def test_ner_and_qa_finetune_single_process(recipe, keys, tiny_model_dir, tmp_path):
-    proc = _python(["launcher/finetune.py", "--config", f"configs/finetune/{recipe}.yaml",
-                    f"init_from={tiny_model_dir}", f"run_dir={tmp_path}", "train.max_steps=3",
-                    "train.micro_batch_size=4", "train.zero_stage=1", "schedule.warmup_steps=1",
-                    "task.max_length=128"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert keys <= set(metrics["test"]) and keys <= set(metrics["dev"])
-    assert (tmp_path / "predictions_test.jsonl").stat().st_size > 0
 
 
 @pytest.mark.parametrize("override,needle", [
