@@ -5,6 +5,8 @@ keep-last / resume selection, RNG round trip, fault policies, metrics helpers.""
 import json
 import math
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +320,20 @@ def test_fp16_on_cpu_is_refused_before_starting(capsys, tmp_path):
                "train.precision=fp16", "train.device=cpu"])
     assert rc == 2
     assert "fp16 needs a GPU" in capsys.readouterr().err
+
+
+CLAIM = re.compile(r"Model-state memory per GPU \(--dry-run, (\d+) nodes? x (\d+) GPUs?\): ([\d.]+) GiB")
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/pretrain").glob("gpu_*.yaml")), ids=lambda p: p.name)
+def test_recipe_memory_claims_match_the_dry_run(path):
+    from model.config import resolve_model_config
+    from model.flops import num_params
+
+    match = CLAIM.search(path.read_text())
+    assert match, f"{path}: no 'Model-state memory per GPU (--dry-run, N nodes x G GPUs): X GiB' line"
+    nodes, gpus, claimed = int(match.group(1)), int(match.group(2)), float(match.group(3))
+    cfg = load_config(PretrainConfig, path)
+    model = resolve_model_config(cfg.model)
+    est = estimate_memory_per_gpu(cfg.train, num_params(model), model.vocab_size * model.dim, gpus, nodes)
+    assert est["gpu_gib"] == pytest.approx(claimed, abs=0.006)
