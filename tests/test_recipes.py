@@ -166,15 +166,16 @@ def _tiny_run(tmp_path: Path, manifest: Path, name: str, *overrides: str) -> dic
 
 
 def test_bf16_follows_fp32_within_tolerance(manifest, tmp_path):
-    """bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2 % per operation) in every
-    weight, activation and gradient, while the fp32 master weights and the loss (computed from
-    fp32 logits) keep full precision; over 8 steps of the tiny model the per-token loss stays
-    within 2 % of the fp32 run's (measured: see the README), while a wrong cast (bf16 master
-    weights, bf16 softmax) or a broken bf16 reduction moves it by far more."""
+    """bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2 % per operation) in weights,
+    activations and gradients, while the fp32 master weights and the loss (from fp32 logits)
+    keep full precision. The tiny model's per-token loss sits near log(vocab), where logit noise
+    of that size moves it little: over 8 steps bf16 measured within 6.5e-5 (relative) of fp32;
+    the tolerance of 2e-3 leaves 30x room, and a bf16 master copy (updates rounded away) or a
+    bf16 softmax moves the loss by more."""
     fp32 = _tiny_run(tmp_path, manifest, "fp32", "train.zero_stage=1")
     bf16 = _tiny_run(tmp_path, manifest, "bf16", "train.zero_stage=1", "train.precision=bf16")
     for step in range(1, 9):
-        assert bf16[step]["train/loss"] == pytest.approx(fp32[step]["train/loss"], rel=0.02), step
+        assert bf16[step]["train/loss"] == pytest.approx(fp32[step]["train/loss"], rel=2e-3), step
     assert bf16[8]["train/loss"] < bf16[1]["train/loss"]
 
 
