@@ -337,3 +337,33 @@ def test_recipe_memory_claims_match_the_dry_run(path):
     model = resolve_model_config(cfg.model)
     est = estimate_memory_per_gpu(cfg.train, num_params(model), model.vocab_size * model.dim, gpus, nodes)
     assert est["gpu_gib"] == pytest.approx(claimed, abs=0.006)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_language_model_built_on_meta_equals_direct_construction(stage):
+    from model.config import ModelConfig, resolve_model_config
+    from model.transformer import Transformer
+    from training.steps.language_model import build_language_model
+
+    cfg = resolve_model_config(ModelConfig(preset="tiny", tie_embeddings=stage == 1), vocab_size=256)
+    built = build_language_model(cfg, {"zero_optimization": {"stage": stage}}, seed=7, device=torch.device("cpu"))
+    torch.manual_seed(7)
+    direct = Transformer(cfg)
+    a, b = built.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(p.dtype == torch.float32 for p in built.parameters())
+
+
+def test_each_rank_takes_its_gpu_modulo_the_visible_ones(monkeypatch):
+    from training.engine import process_group_backend, resolve_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert resolve_device(TrainConfig(device="cuda"), local_rank=3) == torch.device("cuda", 0)  # Slurm task
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_device(TrainConfig(device="auto"), local_rank=3) == torch.device("cuda", 3)
+    assert chosen == [0, 3]
+    assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(torch.device("cpu")) == "gloo"
