@@ -1,6 +1,6 @@
 """Loader throughput beside a plain webdataset pipeline, and startup time vs. manifest size.
 
-    python bench/loader.py --text /work/shared/data/news/bbc --mb 10
+    python bench/loader.py --text ../shared/data/news/bbc --mb 10
     python bench/loader.py --manifest runs/sample/shards/manifest.json
 
 Throughput: samples per second of ``build_train_loader`` (shuffled, resumable, reading only this
@@ -96,7 +96,8 @@ def time_startup(manifest: Path, entries: int, work: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", type=Path, default=None)
-    ap.add_argument("--text", type=Path, default=Path("/work/shared/data/news/bbc"))
+    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "news" / "bbc",
+                    help="folder of news text (default: ../shared/data/news/bbc beside the checkout)")
     ap.add_argument("--mb", type=float, default=10.0)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=16)

@@ -1,6 +1,6 @@
 """Token-shard writing throughput beside its limit, raw sentencepiece batch encoding.
 
-    python bench/shard.py --text /work/shared/data/news/bbc --mb 20 --threads 2
+    python bench/shard.py --text ../shared/data/news/bbc --mb 20 --threads 2
 
 Reads every ``*.txt`` (one document per file) and ``*.jsonl[.gz]`` (``text`` field) under
 ``--text``, repeats the corpus up to ``--mb`` megabytes, trains (or loads, ``--tokenizer``) a
@@ -88,7 +88,8 @@ def time_ours(texts: list[str], tok: Path, out: Path, batch: int, threads: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--text", type=Path, default=Path("/work/shared/data/news/bbc"))
+    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "news" / "bbc",
+                    help="folder of news text (default: ../shared/data/news/bbc beside the checkout)")
     ap.add_argument("--mb", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1024, help="documents per encode batch")
