@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_preparation_and_model_check_run_on_cpu(tmp_path):
     check("prepare")
     for name, seq in (("small", 256), ("big", 2048)):
         cfg = load_config(PretrainConfig, tmp_path / f"{name}.yaml")
-        manifest = json.loads(open(cfg.data.manifests[0]).read())
+        manifest = json.loads(Path(cfg.data.manifests[0]).read_text())
         assert manifest["seq_len"] == seq and manifest["tokenizer"]["vocab_size"] == 8000
     assert load_config(PretrainConfig, tmp_path / "big.yaml").model.preset == "1.3B"
     out = check("model", "--device", "cpu", "--layers", "1", "--seq", "64")

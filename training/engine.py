@@ -73,7 +73,7 @@ def init_distributed(train: TrainConfig) -> DistContext:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    device = resolve_device(train, int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(train, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cpu" and os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         raise ConfigError("training on CPU needs the environment variable DS_ACCELERATOR=cpu")
     if device.type == "cuda":
@@ -86,7 +86,7 @@ def init_distributed(train: TrainConfig) -> DistContext:
             device_id=device if device.type == "cuda" and world > 1 else None,
         )
     deepspeed.init_distributed(dist_backend=process_group_backend(device))
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
 def partitioned_init(ds_config: dict[str, Any]) -> AbstractContextManager:
