@@ -12,6 +12,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_shared_memory():
+    """Every test leaves /dev/shm as it found it (see tests.harness.remove_orphan_shm_segments)."""
+    yield
+    from tests.harness import remove_orphan_shm_segments
+
+    remove_orphan_shm_segments()
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE

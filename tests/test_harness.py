@@ -67,3 +67,23 @@ def test_deepspeed_zero2_two_ranks_match_single_process(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
         assert not torch.equal(rank0[name], initial[name]), f"{name} did not train"
         torch.testing.assert_close(rank0[name], reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_orphan_shm_segments_are_removed_and_mapped_ones_kept():
+    import mmap
+    import os
+    from pathlib import Path
+
+    from tests.harness import remove_orphan_shm_segments
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    orphan = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_test_orphan_0")
+    live = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_test_live_0")
+    orphan.write_bytes(b"x" * 4096)
+    live.write_bytes(b"y" * 4096)
+    with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096) as held:
+        removed = remove_orphan_shm_segments()
+        assert str(orphan) in removed and not orphan.exists()
+        assert live.exists() and held[:1] == b"y"
+    live.unlink()

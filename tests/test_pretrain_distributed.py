@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.datasets import make_token_dataset
-from tests.harness import ROOT, VENV_BIN, cpu_env, free_port, run_deepspeed
+from tests.harness import ROOT, VENV_BIN, cpu_env, free_port, remove_orphan_shm_segments, run_deepspeed
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -140,6 +140,8 @@ def test_zero_stages_two_ranks_match_one_rank(token_manifest, tmp_path):
             assert got[step]["train/grad_norm"] == pytest.approx(want[step]["train/grad_norm"], rel=1e-4), \
                 f"ZeRO {stage} step {step}"
         assert got[8]["train/loss"] < got[1]["train/loss"]
+    # ranks that exit normally remove DeepSpeed's CPU all-reduce segments themselves
+    assert remove_orphan_shm_segments() == []
 
 
 # ----------------------------------------------------------------------------- exact resume

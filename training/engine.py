@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,7 +88,19 @@ def init_distributed(train: TrainConfig) -> DistContext:
             device_id=device if device.type == "cuda" and world > 1 else None,
         )
     deepspeed.init_distributed(dist_backend=process_group_backend(device))
+    if device.type == "cpu":
+        atexit.register(release_cpu_shm_segment, dist.get_rank())
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
+
+
+def release_cpu_shm_segment(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment (``/dev/shm/deepspeed_allreduce_buffer_
+    <uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, ~70 MB), which DeepSpeed never removes: every CPU
+    run would otherwise leave it in memory until reboot. Safe once every rank has mapped it (all
+    do at start-up); the mappings of running peers stay valid."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def partitioned_init(ds_config: dict[str, Any]) -> AbstractContextManager:

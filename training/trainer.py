@@ -41,7 +41,7 @@ from training.deepspeed_config import (
     resolve_batch,
     save_deepspeed_config,
 )
-from training.engine import DistContext, init_distributed
+from training.engine import DistContext, init_distributed, release_cpu_shm_segment
 from training.faults import BadStepPolicy, PreemptionFlag
 from training.metrics import device_peak_tflops, mfu, peak_memory_gb
 from training.optim import all_finite
@@ -371,6 +371,7 @@ def run_training(cfg: Any, make_step: Callable[[DistContext], StepModule],
             str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
         )
         logging.shutdown()
+        release_cpu_shm_segment(ctx.rank)  # os._exit skips the atexit handlers
         os._exit(EXIT_COLLECTIVE_FAILED)  # the process group is broken: skip its teardown
     finally:
         trainer.preempt.uninstall()
