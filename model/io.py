@@ -26,6 +26,16 @@ import torch
 
 from crucible.errors import DataError
 from crucible.fileio import atomic_path, atomic_write_json
+from crucible.run_layout import (
+    CHECKPOINTS,
+    LATEST,
+    MARKER,
+    MODEL_DIR,
+    inventory_problem,
+    marked_checkpoints,
+    read_record,
+    resolve_record,
+)
 from model.config import ModelConfig
 from model.hf_mapping import from_hf_config, from_hf_state_dict
 from model.transformer import Transformer
@@ -151,35 +161,90 @@ def model_from_state_dict(cfg: ModelConfig, state_dict: Mapping[str, torch.Tenso
 
 def find_model_dir(path: str | Path) -> Path:
     """The model directory meant by ``path``: a model directory or a Hugging Face directory
-    itself, a checkpoint directory holding ``model/``, or a run directory, whose
-    ``latest.json`` names the newest complete checkpoint's model directory."""
+    itself, a checkpoint directory holding ``model/``, or a run directory, whose newest complete
+    checkpoint with a whole model directory is used (a damaged one is skipped with a warning
+    naming the file).
+
+    A run directory resolves inside itself only, so that a moved, copied or synced one still
+    means itself: ``latest.json`` is a pointer relative to it, and an absolute path in one
+    written by an older version, if it lies elsewhere (the directory was moved since), is ignored
+    with a warning instead of followed to whatever sits at the old place now.
+    """
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path} does not exist or is not a directory (pass a model directory, "
                         "a Hugging Face Llama directory or a run directory)")
     if is_model_dir(path) or (path / HF_CONFIG_FILE).is_file():
         return path
-    if is_model_dir(path / "model"):
-        return path / "model"
-    latest = path / "latest.json"
-    if latest.is_file():
-        try:
-            info = json.loads(latest.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise DataError(f"{latest} is not valid JSON: {exc}") from None
-        candidates = []
-        if info.get("model_dir"):
-            candidates.append(Path(info["model_dir"]))
-        if info.get("tag"):  # the run directory may have moved since latest.json was written
-            candidates.append(path / "checkpoints" / str(info["tag"]) / "model")
-        for candidate in candidates:
-            if is_model_dir(candidate):
-                return candidate
-        raise DataError(f"{latest} names no existing model directory (tried {[str(c) for c in candidates]})")
-    if (path / "checkpoints").is_dir() or (path / "deepspeed_config.json").is_file():
-        raise DataError(f"{path} is a run directory without a complete checkpoint yet (no "
-                        "latest.json); wait for the first checkpoint or pass a model directory")
+    if is_model_dir(path / MODEL_DIR):
+        return _checkpoint_model_dir(path)
+    if (path / LATEST).is_file() or (path / CHECKPOINTS).is_dir() or (path / "deepspeed_config.json").is_file():
+        return _run_model_dir(path)
     return path
+
+
+def _checkpoint_model_problem(ckpt_dir: Path) -> str | None:
+    """Why the model directory of a checkpoint is not whole (one line naming the file), or None:
+    its marker reads, its files have the sizes the marker lists, its config parses."""
+    marker, problem = read_record(ckpt_dir / MARKER)
+    if marker is None:
+        return problem
+    model_dir = ckpt_dir / MODEL_DIR
+    files = marker.get("files")
+    if isinstance(files, dict):  # the marker lists every file of the checkpoint with its size
+        problem = inventory_problem(ckpt_dir, files, select=lambda rel: rel.startswith(f"{MODEL_DIR}/"))
+    elif not (model_dir / WEIGHTS_FILE).is_file() or (model_dir / WEIGHTS_FILE).stat().st_size == 0:
+        problem = f"{model_dir / WEIGHTS_FILE} is missing or empty"
+    return problem or read_record(model_dir / CONFIG_FILE)[1]
+
+
+def _checkpoint_model_dir(ckpt_dir: Path) -> Path:
+    """The model directory of a checkpoint named explicitly: used if whole, else an error (no
+    fallback: the user chose this one)."""
+    if not (ckpt_dir / MARKER).is_file():
+        log.warning("%s has no %s (its save did not finish); using its model directory as it is",
+                    ckpt_dir, MARKER)
+        return ckpt_dir / MODEL_DIR
+    problem = _checkpoint_model_problem(ckpt_dir)
+    if problem:
+        raise DataError(f"the model directory of checkpoint {ckpt_dir} is damaged: {problem}; pass "
+                        "another checkpoint, or the run directory (its newest whole one is used)")
+    return ckpt_dir / MODEL_DIR
+
+
+def _run_model_dir(run_dir: Path) -> Path:
+    latest = run_dir / LATEST
+    if latest.is_file():
+        record, problem = read_record(latest)
+        if record is None:
+            log.warning("%s; using the newest complete checkpoint in %s", problem, run_dir / CHECKPOINTS)
+        else:
+            for key in ("model_dir", "checkpoint"):
+                value = record.get(key)
+                if isinstance(value, str) and resolve_record(run_dir, value) is None:
+                    log.warning("%s names %s, outside this run directory (written before the "
+                                "directory was moved or copied); using the checkpoints inside %s",
+                                latest, value, run_dir)
+                    break
+    skipped: list[str] = []
+    for ckpt_dir in marked_checkpoints(run_dir):
+        marker = read_record(ckpt_dir / MARKER)[0]
+        files = marker.get("files") if marker is not None else None
+        saved_model = (ckpt_dir / MODEL_DIR).is_dir() or (
+            isinstance(files, dict) and any(rel.startswith(f"{MODEL_DIR}/") for rel in files))
+        if marker is not None and not saved_model:
+            continue  # saved with checkpoint.write_model_dir=false
+        problem = _checkpoint_model_problem(ckpt_dir)
+        if problem is None:
+            return ckpt_dir / MODEL_DIR
+        log.warning("skipping damaged checkpoint %s: %s", ckpt_dir.name, problem)
+        skipped.append(f"{ckpt_dir.name}: {problem}")
+    if skipped:
+        raise DataError(f"{run_dir} has no checkpoint with a whole model directory ({'; '.join(skipped)}); "
+                        "pass a model directory, or resume the run to write a new checkpoint")
+    raise DataError(f"{run_dir} is a run directory without a complete checkpoint with a model directory "
+                    "yet; wait for the first checkpoint (checkpoint.write_model_dir=true) or pass a "
+                    "model directory")
 
 
 def _config_shape(cfg: ModelConfig) -> tuple:

@@ -198,21 +198,29 @@ def test_load_rejects_non_model_dir(tmp_path):
         load_model_dir(tmp_path)
 
 
-def test_find_model_dir_in_run_and_checkpoint_dirs(tmp_path):
+def test_find_model_dir_in_run_and_checkpoint_dirs(tmp_path, caplog):
+    """Model layer only, with a marker as older versions wrote it (no file list) and an
+    absolute latest.json from before the run directory moved; the run-directory cases with
+    markers the trainer writes are in tests/test_checkpoint_recovery.py."""
     from model.io import find_model_dir
 
     cfg = tiny()
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000010"
     save_model_dir(ckpt / "model", build_transformer(cfg, seed=0).state_dict(), cfg, provenance={})
+    (ckpt / "COMPLETE.json").write_text(json.dumps({"step": 10, "world_size": 1, "zero_stage": 0}))
     assert find_model_dir(ckpt) == ckpt / "model"
-    (tmp_path / "run" / "latest.json").write_text(json.dumps(
+    (run / "latest.json").write_text(json.dumps(
         {"tag": "step_00000010", "step": 10, "model_dir": "/moved/away/model"}))
-    assert find_model_dir(tmp_path / "run") == ckpt / "model"  # falls back to the tag
-    model, _ = load_model_dir(tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        assert find_model_dir(run) == ckpt / "model"  # the checkpoint inside, never the old place
+    assert "/moved/away/model, outside this run directory" in caplog.text
+    model, _ = load_model_dir(run)
     assert model.cfg == cfg
-    (tmp_path / "run" / "latest.json").write_text(json.dumps({"tag": "step_00000020"}))
-    with pytest.raises(DataError, match="names no existing model directory"):
-        find_model_dir(tmp_path / "run")
-    (tmp_path / "run" / "latest.json").unlink()
+    (ckpt / "model" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DataError, match="no checkpoint with a whole model directory.*model.safetensors is missing or empty"):
+        find_model_dir(run)
+    (run / "latest.json").unlink()
+    (ckpt / "COMPLETE.json").unlink()
     with pytest.raises(DataError, match="run directory without a complete checkpoint"):
-        find_model_dir(tmp_path / "run")
+        find_model_dir(run)

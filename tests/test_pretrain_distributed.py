@@ -225,6 +225,78 @@ def test_two_ranks_resume_on_one_rank_without_repeating_samples(token_manifest, 
     assert len(set(seen)) == len(seen), "a sample of the epoch was trained on twice"
 
 
+# ------------------------------------------------------------- moved and damaged run directories
+
+def test_moved_run_directory_exports_its_own_model(token_manifest, reference_run, tmp_path):
+    """A run at x/exp (stopped at step 6) moved to x/exp_old, then a new run trained to step 6
+    at x/exp: launcher/export_hf.py on x/exp_old exports x/exp_old's own weights, also when its
+    latest.json is the one older versions wrote (absolute paths, which after the move name the
+    new run's step 6)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from model.io import find_model_dir, read_hf_dir
+
+    exp, old = tmp_path / "x" / "exp", tmp_path / "x" / "exp_old"
+    shutil.copytree(reference_run, exp, ignore=shutil.ignore_patterns("step_00000009", "step_00000012"))
+    latest = {"tag": "step_00000006", "step": 6, "checkpoint": str(exp / "checkpoints" / "step_00000006"),
+              "model_dir": str(exp / "checkpoints" / "step_00000006" / "model")}
+    (exp / "latest.json").write_text(json.dumps(latest))  # as written before paths were relative
+    exp.rename(old)
+    launch(exp, token_manifest, "train.max_steps=6", "checkpoint.every=0", "train.eval_every=0",
+           "train.seed=7", "train.grad_accum_steps=2", num_gpus=1).check()
+    assert json.loads((exp / "latest.json").read_text())["model_dir"] == "checkpoints/step_00000006/model"
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, str(ROOT / "launcher" / "export_hf.py"), "--model", str(old),
+                           "--output", str(out)], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{old / 'latest.json'} names {latest['model_dir']}, outside this run directory" in proc.stderr
+    _, exported = read_hf_dir(out)
+    own = load_file(old / "checkpoints" / "step_00000006" / "model" / "model.safetensors")
+    new = load_file(find_model_dir(exp) / "model.safetensors")
+    assert exported.keys() == own.keys()
+    for name, tensor in own.items():  # the export only renames and reorders: exact
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0)
+    assert not torch.equal(new["embed.weight"], own["embed.weight"])
+
+
+def test_resume_skips_damaged_and_incomplete_checkpoints(token_manifest, reference_run, tmp_path):
+    """Step 12's COMPLETE.json truncated and step 9 without rank 1's optimizer file: both ranks
+    skip them with a warning naming the file, resume from step 6 and continue bit for bit as the
+    uninterrupted run. With step 6 damaged too nothing is usable: one line, no traceback."""
+    run = tmp_path / "damaged"
+    shutil.copytree(reference_run, run)
+    root = run / "checkpoints"
+    marker12 = root / "step_00000012" / "COMPLETE.json"
+    marker12.write_bytes(marker12.read_bytes()[:40])
+    optim9 = next((root / "step_00000009").glob("zero_pp_rank_1_*optim_states.pt"))
+    optim9.unlink()
+    state6 = root / "step_00000006" / "trainer_state.json"
+    saved_state6 = state6.read_bytes()
+    state6.write_bytes(b"")
+
+    stopped = launch(run, token_manifest)
+    output = stopped.stdout + "".join(stopped.rank_logs.values())
+    assert stopped.returncode != 0
+    assert "Traceback" not in output and "collective operation failed" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: no usable checkpoint to resume")]
+    assert len(errors) == 2, output[-3000:]  # the same line on both ranks
+    assert all(str(path) in errors[0] for path in (marker12, optim9, state6))
+
+    state6.write_bytes(saved_state6)
+    kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 6]
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))  # later steps must be new
+    logged_before = len(rank_log(run, 0))
+    launch(run, token_manifest).check()
+    log0 = rank_log(run, 0)[logged_before:]
+    assert f"skipping damaged checkpoint step_00000012: {marker12} is not valid JSON" in log0
+    assert f"skipping damaged checkpoint step_00000009: {optim9} is missing" in log0
+    assert "step 6, consumed samples 48," in resumed_line(run)
+    _assert_same_tail(run, reference_run, 6)
+    assert complete_steps(run) == [6, 9, 12] and json.loads((run / "latest.json").read_text())["step"] == STEPS
+
+
 # ------------------------------------------------------------------------------- NaN, faults
 
 def test_injected_nan_is_skipped_on_both_ranks(token_manifest, tmp_path):
@@ -296,6 +368,7 @@ def test_run_directory_and_tensorboard_tags(reference_run):
     assert latest["step"] == STEPS
     from model.io import load_model_dir
 
-    model, cfg = load_model_dir(latest["model_dir"])
+    assert latest["model_dir"] == f"checkpoints/step_{STEPS:08d}/model"  # relative: the run can move
+    model, cfg = load_model_dir(reference_run / latest["model_dir"])
     assert cfg.vocab_size == 512 and sum(p.numel() for p in model.parameters()) > 0
     assert complete_steps(reference_run) == [6, 9, 12]  # keep_last=3

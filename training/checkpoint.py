@@ -7,13 +7,20 @@ Layout under ``<run_dir>/checkpoints``::
                                    model config, tokenizer + manifest checksums, world size
         rng_rank<R>.json           each rank's RNG states
         model/                     model directory (safetensors + config + tokenizer), rank 0
-        COMPLETE.json              written by rank 0 after a barrier: every rank has finished
+        COMPLETE.json              written by rank 0 after a barrier: every rank has finished;
+                                   lists every file of the checkpoint with its size
         universal/                 DeepSpeed universal checkpoint, made when resuming on
                                    another number of ranks
 
 A directory without ``COMPLETE.json`` is ignored by resume (a crash mid-save) and removed by
 pruning. ``<run_dir>/latest.json`` points at the newest complete checkpoint and its model
-directory, for tools that take a run directory.
+directory, for tools that take a run directory; its paths are relative to the run directory
+(see :mod:`crucible.run_layout`), so a moved or copied run directory still means itself.
+
+Resume checks a checkpoint before loading it (:func:`checkpoint_problem`: the marker and the
+JSON files parse, every listed file exists with its saved size; :func:`torch_files_problem`:
+the CRCs of the ``torch.save`` files); ``auto`` skips a damaged one with a warning naming the
+file and takes the previous one.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,16 +41,25 @@ import torch
 
 from crucible.errors import UserError
 from crucible.fileio import atomic_write_json
+from crucible.run_layout import (
+    CHECKPOINTS,
+    LATEST,
+    MARKER,
+    MODEL_DIR,
+    file_inventory,
+    inventory_problem,
+    marked_checkpoints,
+    read_record,
+    step_of,
+    zip_problem,
+)
 
 log = logging.getLogger("crucible.training.checkpoint")
 
-CHECKPOINTS = "checkpoints"
-MARKER = "COMPLETE.json"
 STATE_FILE = "trainer_state.json"
-MODEL_DIR = "model"
 UNIVERSAL = "universal"
-LATEST = "latest.json"
-_TAG_RE = re.compile(r"^step_(\d{8,})$")
+# DeepSpeed's file of data-parallel rank R (ZeRO 1-3; "bf16_" prefix with its BF16_Optimizer)
+_OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 # model config fields that change the weights' meaning; others (activation checkpointing,
 # dtype used outside DeepSpeed) may differ on resume
@@ -73,48 +90,162 @@ class CheckpointInfo:
 
 
 def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[CheckpointInfo]:
-    """Checkpoints in step order; only those with a completion marker unless told otherwise."""
+    """Checkpoints in step order: those whose completion marker reads, or with
+    ``complete_only=False`` every step directory (``marker`` is ``{}`` when it is missing or
+    unreadable). Whether the files are whole is :func:`checkpoint_problem`'s question."""
     root = checkpoint_root(run_dir)
     found: list[CheckpointInfo] = []
     if not root.is_dir():
         return found
     for path in root.iterdir():
-        match = _TAG_RE.match(path.name)
-        if not match or not path.is_dir():
+        step = step_of(path)
+        if step is None or not path.is_dir():
             continue
-        marker_path = path / MARKER
-        if marker_path.is_file():
-            found.append(CheckpointInfo(int(match.group(1)), path, json.loads(marker_path.read_text())))
+        marker = read_record(path / MARKER)[0] if (path / MARKER).is_file() else None
+        if marker is not None:
+            found.append(CheckpointInfo(step, path, marker))
         elif not complete_only:
-            found.append(CheckpointInfo(int(match.group(1)), path, {}))
+            found.append(CheckpointInfo(step, path, {}))
     return sorted(found, key=lambda c: c.step)
 
 
-def find_resume_checkpoint(run_dir: str | Path, resume: str) -> CheckpointInfo | None:
-    """``auto``: newest complete checkpoint (None if there is none); ``never``: None; else a path."""
+def _is_json_record(rel: str) -> bool:
+    return rel == STATE_FILE or rel == f"{MODEL_DIR}/model_config.json" or (
+        rel.startswith("rng_rank") and rel.endswith(".json"))
+
+
+def _legacy_files_problem(ckpt_dir: Path, marker: dict[str, Any]) -> str | None:
+    """For markers written before they listed the files: the files DeepSpeed needs for the saved
+    world size and ZeRO stage exist and are not empty, and the trainer state is there."""
+    if not (ckpt_dir / STATE_FILE).is_file():
+        return f"{ckpt_dir / STATE_FILE} is missing"
+    torch_files = sorted(ckpt_dir.glob("*.pt"))
+    for path in torch_files:
+        if path.stat().st_size == 0:
+            return f"{path} is empty"
+    if not any(p.name.endswith("model_states.pt") for p in torch_files):
+        return f"{ckpt_dir} holds no DeepSpeed model states file (*model_states.pt)"
+    if int(marker.get("zero_stage", 0) or 0) >= 1:
+        ranks = {int(m.group(1)) for p in torch_files if (m := _OPTIM_FILE_RE.match(p.name))}
+        for rank in range(int(marker.get("world_size", 1) or 1)):
+            if rank not in ranks:
+                return f"{ckpt_dir}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt is missing"
+    return None
+
+
+def checkpoint_problem(ckpt_dir: Path) -> str | None:
+    """Why the checkpoint in ``ckpt_dir`` cannot be resumed from, as one line naming the file;
+    None if it is whole. Cheap: the marker, the trainer state, the RNG states and the model
+    config parse, and every file the marker lists exists with its saved size. The bytes inside
+    the ``torch.save`` files are :func:`torch_files_problem`'s."""
+    if not (ckpt_dir / MARKER).is_file():
+        return f"{ckpt_dir} is not a complete checkpoint: it has no {MARKER} (its save did not finish)"
+    marker, problem = read_record(ckpt_dir / MARKER)
+    if marker is None:
+        return problem
+    files = marker.get("files")
+    if isinstance(files, dict):
+        problem = inventory_problem(ckpt_dir, files)
+        records = sorted(rel for rel in files if _is_json_record(rel))
+    else:
+        problem = _legacy_files_problem(ckpt_dir, marker)
+        records = sorted(p.relative_to(ckpt_dir).as_posix() for p in
+                         [*ckpt_dir.glob("*.json"), *ckpt_dir.glob(f"{MODEL_DIR}/*.json")]
+                         if _is_json_record(p.relative_to(ckpt_dir).as_posix()))
+    if problem:
+        return problem
+    for rel in records:
+        record, problem = read_record(ckpt_dir / rel)
+        if record is None:
+            return problem
+        if rel == STATE_FILE and not isinstance(record.get("step"), int):
+            return f"{ckpt_dir / rel} holds no step"
+    return None
+
+
+def torch_files_problem(ckpt_dir: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """The CRC check (:func:`crucible.run_layout.zip_problem`) of this rank's share of the
+    checkpoint's ``torch.save`` files: every ``world_size``-th from ``rank``, so the ranks of a
+    run read each file once between them. None if they are whole."""
+    for path in sorted(ckpt_dir.glob("*.pt"))[rank::world_size]:
+        problem = zip_problem(path)
+        if problem:
+            return problem
+    return None
+
+
+def resume_candidates(run_dir: str | Path, resume: str) -> list[Path]:
+    """The checkpoints ``checkpoint.resume`` may use, in the order to try them: ``never``: none;
+    ``auto``: every one with a completion marker, readable or not, newest first; otherwise the
+    one named (a path, or a ``step_NNNNNNNN`` name in this run's checkpoints)."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        complete = list_checkpoints(run_dir)
-        return complete[-1] if complete else None
+        return marked_checkpoints(run_dir)
+    root = checkpoint_root(run_dir)
     path = Path(resume)
-    match = _TAG_RE.match(path.name)
-    if not match or not (path / MARKER).is_file():
+    if len(path.parts) == 1 and step_of(path) is not None:
+        path = root / path
+    if step_of(path) is None or not path.is_dir():
         raise UserError(
-            f"checkpoint.resume={resume!r} is not a complete checkpoint directory "
-            f"(expected .../{CHECKPOINTS}/step_NNNNNNNN containing {MARKER}); use auto or never"
+            f"checkpoint.resume={resume!r} is not a complete checkpoint directory (expected "
+            f"{root}/step_NNNNNNNN containing {MARKER}, or its name step_NNNNNNNN); use auto or never"
         )
-    return CheckpointInfo(int(match.group(1)), path, json.loads((path / MARKER).read_text()))
+    if path.resolve().parent != root.resolve():
+        raise UserError(
+            f"checkpoint.resume={resume!r} is not a checkpoint of this run ({root}): DeepSpeed's "
+            "checkpoint files are pickles, so a run resumes only from its own; copy that run "
+            "directory and set run_dir to the copy"
+        )
+    return [path]
+
+
+def select_checkpoint(candidates: list[Path], explicit: bool, check: Callable[[Path], str | None],
+                      warn: bool = True) -> CheckpointInfo | None:
+    """The first candidate ``check`` finds whole. A damaged one is skipped with a warning naming
+    the file (``warn``: on the rank that logs); an ``explicit`` one (checkpoint.resume=<path>)
+    that is damaged, or damaged candidates only, stop the run with one line. None when there is
+    no candidate (a fresh run)."""
+    skipped: list[str] = []
+    for path in candidates:
+        problem = check(path)
+        if problem is None:
+            marker, _ = read_record(path / MARKER)
+            return CheckpointInfo(step_of(path) or 0, path, marker or {})
+        if explicit:
+            raise UserError(f"cannot resume from checkpoint.resume={str(path)!r}: {problem}; choose "
+                            "another checkpoint, or checkpoint.resume=auto (which skips damaged ones)")
+        if warn:
+            log.warning("skipping damaged checkpoint %s: %s", path.name, problem)
+        skipped.append(f"{path.name}: {problem}")
+    if skipped:
+        raise UserError(
+            f"no usable checkpoint to resume in {candidates[0].parent} ({'; '.join(skipped)}); "
+            "repair them or move them out of that directory, or set checkpoint.resume=never to "
+            "train from step 0 (overwriting them)"
+        )
+    return None
+
+
+def find_resume_checkpoint(run_dir: str | Path, resume: str) -> CheckpointInfo | None:
+    """The checkpoint to resume in one process (``auto``: the newest whole one, skipping damaged
+    ones with a warning; ``never``: None; else the named one, which must be whole); the trainer
+    runs the same selection with the checks shared by its ranks (``training.trainer.plan_resume``)."""
+    return select_checkpoint(resume_candidates(run_dir, resume), resume not in ("auto", "never"),
+                             lambda path: checkpoint_problem(path) or torch_files_problem(path))
 
 
 def mark_complete(ckpt_dir: Path, info: dict[str, Any]) -> None:
-    """Write the completion marker; call on rank 0 only, after a barrier over all ranks."""
-    atomic_write_json(ckpt_dir / MARKER, info)
+    """Write the completion marker, listing every file of the checkpoint with its size, then
+    ``latest.json`` with paths relative to the run directory; call on rank 0 only, after a
+    barrier over all ranks (every rank's files are written)."""
+    files = file_inventory(ckpt_dir, skip=lambda rel: rel == MARKER or rel.split("/")[0] == UNIVERSAL)
+    atomic_write_json(ckpt_dir / MARKER, {**info, "files": files})
     model_dir = ckpt_dir / MODEL_DIR
     atomic_write_json(
         ckpt_dir.parent.parent / LATEST,
-        {"tag": ckpt_dir.name, "step": info.get("step"), "checkpoint": str(ckpt_dir.resolve()),
-         "model_dir": str(model_dir.resolve()) if model_dir.is_dir() else None},
+        {"tag": ckpt_dir.name, "step": info.get("step"), "checkpoint": f"{CHECKPOINTS}/{ckpt_dir.name}",
+         "model_dir": f"{CHECKPOINTS}/{ckpt_dir.name}/{MODEL_DIR}" if model_dir.is_dir() else None},
     )
 
 
@@ -216,8 +347,13 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
     and written atomically (temporary folder, then rename).
     """
     out = ckpt_dir / UNIVERSAL
+    marker, problem = read_record(out / MARKER)
+    if marker is not None:
+        problem = inventory_problem(out, marker.get("files") or {})
+        if problem is None:
+            return out
     if (out / MARKER).is_file():
-        return out
+        log.warning("converting %s again: its universal checkpoint is damaged (%s)", ckpt_dir.name, problem)
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
@@ -231,7 +367,8 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
     )
     ds_to_universal.main(args)
     tmp.rename(out)
-    atomic_write_json(out / MARKER, {"source": ckpt_dir.name})
+    atomic_write_json(out / MARKER, {"source": ckpt_dir.name,
+                                     "files": file_inventory(out, skip=lambda rel: rel == MARKER)})
     return out
 
 

@@ -1,0 +1,244 @@
+"""A run directory means itself wherever it is moved or copied, and a damaged checkpoint is
+skipped (or, when it was asked for by name or nothing else is left, stops the run with one line).
+
+Checkpoints here have the trainer's layout and markers (``training.checkpoint``) with small
+stand-ins for DeepSpeed's files (``torch.save`` archives, as DeepSpeed writes them); the real
+2-rank runs are in ``tests/test_pretrain_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from crucible.errors import DataError, UserError
+from model.config import ModelConfig, resolve_model_config
+from model.io import find_model_dir, load_model_dir, save_model_dir
+from model.transformer import build_transformer
+from tests.harness import run_on_ranks
+from training import checkpoint as ckpt
+
+WORLD = 2
+OPTIM_1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+
+def tiny() -> ModelConfig:
+    return resolve_model_config(ModelConfig(preset="tiny"), vocab_size=384)
+
+
+def make_checkpoint(run_dir: Path, step: int, seed: int = 0, model: bool = True) -> Path:
+    """A checkpoint as the trainer saves it on 2 ranks with ZeRO-2 (DeepSpeed's files replaced
+    by small torch archives of the same names)."""
+    path = ckpt.checkpoint_root(run_dir) / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    torch.save({"module": torch.randn(64, generator=gen)}, path / "mp_rank_00_model_states.pt")
+    for rank in range(WORLD):
+        torch.save({"optimizer_state_dict": torch.randn(4096, generator=gen)},
+                   path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        ckpt.write_rng_state(path, rank)
+    ckpt.write_trainer_state(path, {"step": step, "consumed_samples": 8 * step})
+    if model:
+        cfg = tiny()
+        save_model_dir(path / "model", build_transformer(cfg, seed=seed).state_dict(), cfg, provenance={})
+    ckpt.mark_complete(path, {"step": step, "world_size": WORLD, "zero_stage": 2})
+    return path
+
+
+def flip_byte(path: Path) -> None:
+    """Change one byte in the middle of a file; its size stays the same."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_model_dir(model_dir)[0].state_dict()
+
+
+# ----------------------------------------------------------------- moved and copied run dirs
+
+def test_run_directory_records_only_relative_paths(tmp_path):
+    run = tmp_path / "run"
+    make_checkpoint(run, 10)
+    latest = json.loads((run / "latest.json").read_text())
+    assert latest == {"tag": "step_00000010", "step": 10, "checkpoint": "checkpoints/step_00000010",
+                      "model_dir": "checkpoints/step_00000010/model"}
+    marker = json.loads((run / "checkpoints" / "step_00000010" / "COMPLETE.json").read_text())
+    assert all(not Path(name).is_absolute() and ".." not in name for name in marker["files"])
+    text = "".join(p.read_text() for p in run.rglob("*.json"))
+    assert str(tmp_path) not in text  # nothing the run records about itself names its place
+
+
+def test_moved_run_directory_resolves_to_its_own_model(tmp_path, caplog):
+    """runs/x/exp moved to runs/x/exp_old, a new run trained at runs/x/exp: the old directory
+    still means its own model, whether its latest.json is relative (now) or absolute (older
+    versions, which named the new run's files after the move)."""
+    exp, old = tmp_path / "x" / "exp", tmp_path / "x" / "exp_old"
+    make_checkpoint(exp, 12, seed=1)
+    relative_latest = (exp / "latest.json").read_text()
+    shutil.move(exp, old)
+    make_checkpoint(exp, 3, seed=2)
+    own = old / "checkpoints" / "step_00000012" / "model"
+    for latest in (relative_latest, json.dumps({  # as an older version wrote it, before the move
+            "tag": "step_00000012", "step": 12, "checkpoint": str(exp / "checkpoints" / "step_00000012"),
+            "model_dir": str(exp / "checkpoints" / "step_00000012" / "model")})):
+        (old / "latest.json").write_text(latest)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert find_model_dir(old) == own
+        assert ("outside this run directory" in caplog.text) == latest.startswith('{"tag": "step_00000012"')
+    new_weights, old_weights = weights(exp), weights(old)
+    for name, tensor in weights(own).items():
+        torch.testing.assert_close(old_weights[name], tensor, rtol=0, atol=0)
+    assert not torch.equal(new_weights["embed.weight"], old_weights["embed.weight"])
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(old, copy)
+    assert find_model_dir(copy) == copy / "checkpoints" / "step_00000012" / "model"
+
+
+# --------------------------------------------------------------------- checking a checkpoint
+
+@pytest.mark.parametrize("damage, names", [
+    (lambda c: (c / "COMPLETE.json").write_text(""), "COMPLETE.json is not valid JSON (empty)"),
+    (lambda c: truncate(c / "COMPLETE.json"), "COMPLETE.json is not valid JSON"),
+    (lambda c: (c / OPTIM_1).unlink(), f"{OPTIM_1} is missing"),
+    (lambda c: truncate(c / OPTIM_1), f"{OPTIM_1} has"),
+    (lambda c: (c / "trainer_state.json").write_text("{}" + " " * 60), "trainer_state.json has"),
+    (lambda c: truncate(c / "rng_rank1.json"), "rng_rank1.json has"),
+    (lambda c: (c / "model" / "model.safetensors").unlink(), "model.safetensors is missing"),
+])
+def test_checkpoint_problem_names_the_damaged_file(tmp_path, damage, names):
+    path = make_checkpoint(tmp_path, 6)
+    assert ckpt.checkpoint_problem(path) is None and ckpt.torch_files_problem(path) is None
+    damage(path)
+    problem = ckpt.checkpoint_problem(path)
+    assert problem is not None and names in problem and str(path) in problem
+
+
+def test_a_changed_byte_in_a_torch_file_is_found_by_its_crc(tmp_path):
+    path = make_checkpoint(tmp_path, 6)
+    flip_byte(path / OPTIM_1)  # same size: only the CRCs can tell
+    assert ckpt.checkpoint_problem(path) is None
+    assert OPTIM_1 in ckpt.torch_files_problem(path) and "CRC" in ckpt.torch_files_problem(path)
+    # shared between ranks: each rank reads its share of the files once
+    shares = [ckpt.torch_files_problem(path, rank, 2) for rank in range(2)]
+    assert sum(p is not None for p in shares) == 1
+
+
+def test_json_damage_of_the_same_size_is_found(tmp_path):
+    path = make_checkpoint(tmp_path, 6)
+    state = path / "trainer_state.json"
+    state.write_text("x" * state.stat().st_size)
+    assert "trainer_state.json is not valid JSON" in ckpt.checkpoint_problem(path)
+
+
+def test_markers_of_older_versions_are_checked_by_the_files_deepspeed_needs(tmp_path):
+    path = make_checkpoint(tmp_path, 6)
+    (path / "COMPLETE.json").write_text(json.dumps({"step": 6, "world_size": 2, "zero_stage": 2}))
+    assert ckpt.checkpoint_problem(path) is None
+    (path / OPTIM_1).unlink()
+    assert ckpt.checkpoint_problem(path) == f"{path}/{OPTIM_1} is missing"
+    (path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt is empty" in ckpt.checkpoint_problem(path)
+
+
+# -------------------------------------------------------------------------- resume selection
+
+def test_resume_skips_damaged_checkpoints_with_a_warning_naming_the_file(tmp_path, caplog):
+    for step in (6, 9, 12):
+        make_checkpoint(tmp_path, step)
+    truncate(tmp_path / "checkpoints" / "step_00000012" / "COMPLETE.json")
+    (tmp_path / "checkpoints" / "step_00000009" / OPTIM_1).unlink()
+    with caplog.at_level("WARNING"):
+        assert ckpt.find_resume_checkpoint(tmp_path, "auto").step == 6
+    assert "step_00000012/COMPLETE.json is not valid JSON" in caplog.text
+    assert f"step_00000009/{OPTIM_1} is missing" in caplog.text
+    # a checkpoint asked for by name is never replaced by another one
+    with pytest.raises(UserError, match=f"cannot resume from checkpoint.resume=.*{OPTIM_1} is missing"):
+        ckpt.find_resume_checkpoint(tmp_path, "step_00000009")
+    assert ckpt.find_resume_checkpoint(tmp_path, "step_00000006").step == 6
+    # nothing usable left: one line naming every checkpoint's problem
+    (tmp_path / "checkpoints" / "step_00000006" / "rng_rank0.json").write_text("{")
+    with pytest.raises(UserError) as err:
+        ckpt.find_resume_checkpoint(tmp_path, "auto")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("no usable checkpoint to resume")
+    assert all(ckpt.tag_for(step) in message for step in (6, 9, 12))
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    other = make_checkpoint(tmp_path / "other", 6)
+    with pytest.raises(UserError, match="is not a checkpoint of this run"):
+        ckpt.find_resume_checkpoint(tmp_path / "run", str(other))
+
+
+def test_pruning_removes_damaged_markers_older_than_the_newest_complete(tmp_path):
+    for step in (3, 6, 9):
+        make_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoints" / "step_00000003" / "COMPLETE.json").write_text("")
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [6, 9]
+    removed = ckpt.prune_checkpoints(tmp_path, keep_last=5)
+    assert [p.name for p in removed] == ["step_00000003"]
+
+
+def _plan(rank: int, world_size: int, run_dir: str, resumes: list[str]) -> list[object]:
+    """plan_resume on this rank for each ``checkpoint.resume``: (step, universal) or the error."""
+    from training.engine import DistContext
+    from training.trainer import plan_resume
+
+    out: list[object] = []
+    for resume in resumes:
+        cfg = SimpleNamespace(run_dir=run_dir, checkpoint=SimpleNamespace(resume=resume),
+                              train=SimpleNamespace(zero_stage=2))
+        try:
+            info, universal = plan_resume(cfg, DistContext(rank, world_size, rank, torch.device("cpu")))
+            out.append((info.step, universal))
+        except UserError as exc:
+            out.append(f"UserError: {exc}")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ranks_agree_on_the_checkpoint_before_loading(tmp_path):
+    """A damage only rank 1 reads (its share of the CRC checks) moves both ranks to the previous
+    checkpoint; a damaged checkpoint named explicitly stops both with the same line."""
+    for step in (6, 9, 12):
+        make_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoints" / "step_00000012" / "COMPLETE.json").write_text("")
+    step9 = tmp_path / "checkpoints" / "step_00000009"
+    rank1_file = sorted(step9.glob("*.pt"))[1]  # sorted files, every 2nd from rank 1
+    flip_byte(rank1_file)
+    assert ckpt.torch_files_problem(step9, 0, 2) is None and ckpt.torch_files_problem(step9, 1, 2)
+    rank0, rank1 = run_on_ranks(_plan, 2, str(tmp_path), ["auto", str(step9)])
+    assert rank0[0] == rank1[0] == (6, False)
+    assert rank0[1] == rank1[1] and rank1_file.name in rank0[1] and "CRC" in rank0[1]
+
+
+# ----------------------------------------------------------------- tools on a run directory
+
+def test_tools_take_the_newest_checkpoint_with_a_whole_model(tmp_path, caplog):
+    run = tmp_path / "run"
+    make_checkpoint(run, 10, seed=1)
+    newest = make_checkpoint(run, 20, seed=2)
+    truncate(newest / "model" / "model.safetensors")
+    with caplog.at_level("WARNING"):
+        assert find_model_dir(run) == run / "checkpoints" / "step_00000010" / "model"
+    assert f"{newest}/model/model.safetensors has" in caplog.text
+    with pytest.raises(DataError, match="model directory of checkpoint .* is damaged: .*model.safetensors has"):
+        find_model_dir(newest)  # named explicitly: no fallback
+    make_checkpoint(run, 30, model=False)  # checkpoint.write_model_dir=false: not a candidate
+    (run / "checkpoints" / "step_00000010" / "COMPLETE.json").write_text("")
+    with pytest.raises(DataError, match="no checkpoint with a whole model directory") as err:
+        find_model_dir(run)
+    assert "step_00000020" in str(err.value) and "step_00000010" in str(err.value)
