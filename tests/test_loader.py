@@ -74,10 +74,19 @@ def test_resume_gives_the_next_batches_and_reads_little(manifest):
     resumed.load_state_dict(state)
     after = _take(resumed, 5)
     assert all(torch.equal(x, y) for x, y in zip(reference[7:], after, strict=True))
-    # no replay: 5 batches of 4 samples read, each one header + sample
-    layout = json.loads(Path(manifest).read_text())["sample_layout"]
-    per_sample = layout["header_bytes"] + layout["sample_bytes"]
-    assert resumed.stats["bytes_read"] == 5 * 4 * per_sample
+    # no replay: without checksums, 5 batches of 4 samples read, each one header + sample
+    data = json.loads(Path(manifest).read_text())
+    per_sample = data["sample_layout"]["header_bytes"] + data["sample_layout"]["sample_bytes"]
+    unverified = build_train_loader(_cfg(manifest, verify_checksums=False), 4, 0, 1)
+    unverified.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(after, _take(unverified, 5), strict=True))
+    assert unverified.stats["bytes_read"] == 5 * 4 * per_sample
+    # with checksums (the default): only the shards those samples come from, each read once
+    # whole (hashed) and served from the same pages; at most one shuffle window of 4 shards
+    shard_bytes = data["splits"]["train"][0]["bytes"]
+    assert resumed.stats["bytes_read"] == resumed.stats["verified_bytes"]
+    assert resumed.stats["verified_bytes"] == resumed.stats["verified_shards"] * shard_bytes
+    assert 1 <= resumed.stats["verified_shards"] <= 4
 
 
 def test_resume_with_two_workers_matches_uninterrupted_run(manifest):

@@ -85,3 +85,9 @@ class LoaderBase:
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.world_size
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples of this rank replaced because their shard was unusable
+        (``data.on_corrupt_shard=skip``), in the batches handed out so far by this process."""
+        return int(self.stats["skipped_samples"])

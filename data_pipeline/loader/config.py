@@ -24,8 +24,14 @@ class LoaderConfig(Section):
     samples within each window of this many consecutive shards (larger: better mixing, reads
     spread over more files at once)."""
     on_corrupt_shard: str = "error"
-    """error: stop with a message naming the shard; skip: replace its samples by another row of
-    the same batch and count them (loader.stats)."""
+    """A missing, truncated or changed shard (size or sha256 unlike the manifest, a bad sample
+    header): error: stop with a message naming the shard; skip: replace all its samples by
+    another row of the same batch and count them (data/skipped_samples in metrics.jsonl)."""
+    verify_checksums: bool = True
+    """Check each shard's sha256 against the manifest when a reader first opens it, before any
+    of its samples is used (the whole shard is read once per rank; sha256 runs at about 1 GB/s
+    per core); a mismatch follows on_corrupt_shard. false: only sizes, sample headers and token
+    ranges are checked (launcher/shard.py --verify checks a whole set)."""
 
     @model_validator(mode="after")
     def _check(self) -> LoaderConfig:

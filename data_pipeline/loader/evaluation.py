@@ -41,7 +41,8 @@ class EvalLoader(LoaderBase):
         return self.num_batches
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        readers = [ShardReader(s.manifest, self.split, self.cfg.on_corrupt_shard, self.stats)
+        readers = [ShardReader(s.manifest, self.split, self.cfg.on_corrupt_shard, self.stats,
+                               verify=self.cfg.verify_checksums)
                    for s in self.sources]
         try:
             for b in range(self.num_batches):

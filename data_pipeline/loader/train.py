@@ -12,6 +12,9 @@ epoch. Every rank therefore yields a batch at every step and no rank waits on an
 State: ``state_dict()`` records per source the epoch and the number of samples consumed in it
 (world-size independent); ``load_state_dict`` continues exactly there, under any world size,
 so no sample of the epoch is repeated or skipped. Startup reads only the manifests.
+
+Counters (``loader.stats``, ``loader.skipped_samples``) cover the batches handed out: a
+DataLoader worker sends its counts with each batch, so they are the same for any worker count.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from crucible.errors import DataError
 from data_pipeline.loader.base import LoaderBase, Source
 from data_pipeline.loader.config import LoaderConfig
 from data_pipeline.loader.order import EpochOrder, Schedule
-from data_pipeline.loader.reading import ShardReader, assemble_batch
+from data_pipeline.loader.reading import (
+    ShardError,
+    ShardReader,
+    add_stats,
+    assemble_batch,
+    new_stats,
+    take_stats,
+)
 
 STATE_FORMAT = "crucible.loader-state/1"
 
@@ -57,7 +67,8 @@ class _BatchMaker:
         self.rows = slice(plan.rank * plan.micro_batch_size, (plan.rank + 1) * plan.micro_batch_size)
         self.global_batch = plan.global_batch
         self.readers = [ShardReader(s.manifest, "train", plan.cfg.on_corrupt_shard, stats,
-                                    memory_shards=plan.cfg.shuffle_buffer_shards)
+                                    memory_shards=plan.cfg.shuffle_buffer_shards,
+                                    verify=plan.cfg.verify_checksums)
                         for s in self.sources]
         self._orders: dict[tuple[int, int], EpochOrder] = {}
 
@@ -85,23 +96,31 @@ class _BatchMaker:
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
-    """DataLoader dataset: worker k of K yields batches k, k + K, ... from a start schedule."""
+    """DataLoader dataset: worker k of K yields batches k, k + K, ... from a start schedule,
+    each with the counters it added (:func:`take_stats`); a corrupt shard under ``error`` ends
+    the stream with its message instead of a batch, so the training process raises the same one
+    line as without workers."""
 
-    def __init__(self, plan: _Plan, start: Schedule, stats: dict) -> None:
+    def __init__(self, plan: _Plan, start: Schedule) -> None:
         self.plan = plan
         self.start = start
-        self.stats = stats
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, dict]]:
         info = torch.utils.data.get_worker_info()
         k, n = (info.id, info.num_workers) if info is not None else (0, 1)
         schedule = self.start.copy()
-        maker = _BatchMaker(self.plan, self.stats)
+        stats = new_stats()
+        maker = _BatchMaker(self.plan, stats)
         try:
             for _ in range(k):
                 schedule.take(maker.global_batch)
             while True:
-                yield maker.make(schedule)
+                try:
+                    batch = maker.make(schedule)
+                except ShardError as exc:
+                    yield None, {**take_stats(stats), "error": str(exc)}
+                    return
+                yield batch, take_stats(stats)
                 for _ in range(n - 1):
                     schedule.take(maker.global_batch)
         finally:
@@ -122,12 +141,22 @@ def _generate(plan: _Plan, schedule: Schedule, stats: dict) -> Iterator[torch.Te
             maker.close()
     else:
         dl = torch.utils.data.DataLoader(
-            _WorkerStream(plan, start, stats), batch_size=None,
+            _WorkerStream(plan, start), batch_size=None,
             num_workers=plan.cfg.num_workers, prefetch_factor=2, persistent_workers=False,
         )
-        for batch in dl:
-            schedule.take(plan.global_batch)
-            yield batch
+        batches = iter(dl)
+        try:
+            for batch, delta in batches:
+                error = delta.pop("error", None)
+                add_stats(stats, delta)
+                if error is not None:
+                    raise ShardError(error)
+                schedule.take(plan.global_batch)
+                yield batch
+        finally:
+            # stop the workers now: a traceback that keeps this frame alive would otherwise
+            # delay it to a garbage collection, where the shutdown waits seconds per worker
+            del batches
 
 
 class TrainLoader(LoaderBase):
@@ -157,6 +186,11 @@ class TrainLoader(LoaderBase):
 
     def _generate(self) -> Iterator[torch.Tensor]:
         return _generate(self._plan, self._schedule, self.stats)
+
+    def close(self) -> None:
+        """End the live iterator: its open shards and DataLoader workers go at once (iterating
+        again starts from ``state_dict()``)."""
+        self._close_iterator()
 
     def _close_iterator(self) -> None:
         if self._iterator is not None:
