@@ -15,9 +15,10 @@ from crucible.fileio import sha256_file
 from data_pipeline.clean.output import atomic_tar_writer, iter_clean_documents
 from data_pipeline.config import DataPrepConfig
 from data_pipeline.shards.config import ShardConfig
-from data_pipeline.shards.manifest import load_manifest, verify_shards
+from data_pipeline.shards.manifest import load_manifest
 from data_pipeline.shards.packing import Packer, is_validation, split_text, token_dtype
 from data_pipeline.shards.stage import run_shard
+from data_pipeline.shards.verify import verify_manifests
 from data_pipeline.shards.writer import write_token_shards
 from tests.datasets import read_split_samples, sample_texts, shared_token_dataset
 
@@ -58,7 +59,9 @@ def test_shards_give_back_every_document_in_order(manifest, sp, split):
 
 def test_manifest_counts_and_checksums_match_the_tars(manifest):
     m = load_manifest(manifest)
-    assert verify_shards(m) == []
+    checks = verify_manifests([m])
+    assert [c.problem for c in checks if not c.ok] == []
+    assert len(checks) == sum(len(e) for e in m.data["splits"].values())
     data = m.data
     assert data["seq_len"] == 64 and data["dtype"] == "uint16"
     assert data["tokenizer"]["vocab_size"] == 512 and data["tokenizer"]["eos_id"] == 2
@@ -85,7 +88,7 @@ def _shard_hashes(out: Path) -> dict[str, str]:
 
 def test_byte_identical_for_any_worker_count_and_after_a_crash(manifest, tmp_path):
     tok = manifest.parent.parent / "tokenizer"
-    base = dict(seq_len=32, samples_per_shard=32, validation_fraction=0.1)
+    base = {"seq_len": 32, "samples_per_shard": 32, "validation_fraction": 0.1}
     a = write_token_shards(_texts(), tok, tmp_path / "a", ShardConfig(workers=1, batch_documents=7, **base))
     b = write_token_shards(_texts(), tok, tmp_path / "b", ShardConfig(workers=2, batch_documents=64, **base))
     assert _shard_hashes(tmp_path / "a") == _shard_hashes(tmp_path / "b")

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from crucible.errors import DataError
-from crucible.fileio import sha256_file
 from data_pipeline.shards.tario import KEY_DIGITS, SHARD_EXT
 
 MANIFEST_FILE = "manifest.json"
@@ -195,17 +194,3 @@ def load_manifest(location: str | Path) -> Manifest:
     location = str(location)
     return parse_manifest(location, _read_bytes(location))
 
-
-def verify_shards(manifest: Manifest) -> list[str]:
-    """Compare every local shard's size and sha256 with the manifest; returns the problems."""
-    problems = []
-    for split, index in manifest.splits.items():
-        for url, nbytes, digest in zip(index.urls, index.nbytes, index.sha256, strict=True):
-            path = Path(url)
-            if not path.is_file():
-                problems.append(f"{split}: {url} is missing")
-            elif path.stat().st_size != int(nbytes):
-                problems.append(f"{split}: {url} has {path.stat().st_size} bytes, manifest says {nbytes}")
-            elif sha256_file(path) != digest:
-                problems.append(f"{split}: {url} sha256 differs from the manifest")
-    return problems
