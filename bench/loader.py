@@ -1,13 +1,22 @@
-"""Loader throughput beside a plain webdataset pipeline, and startup time vs. manifest size.
+"""Loader throughput beside a plain webdataset pipeline, the cost of checksum verification,
+and startup time vs. manifest size.
 
     python bench/loader.py --text ../shared/data/news/bbc --mb 10
     python bench/loader.py --manifest runs/sample/shards/manifest.json
 
 Throughput: samples per second of ``build_train_loader`` (shuffled, resumable, reading only this
-rank's samples) beside ``wds.WebDataset(shards).shuffle(1000)`` decoding the same ``.tokens``
-members into the same LongTensor batches, in the same process, alternating, best of
-``--repeats``. Startup: ``build_train_loader`` plus locating the first sample, on manifests
-with 100, 10,000 and 100,000 shard entries (target: under 1 s for 10,000, flat in shard count).
+rank's samples, sha256 verification on as by default) beside ``wds.WebDataset(shards)
+.shuffle(1000)`` decoding the same ``.tokens`` members into the same LongTensor batches, in the
+same process, alternating, best of ``--repeats``.
+
+Verification: one epoch of rank 0's batches from a fresh loader (so every shard is opened, and
+with ``data.verify_checksums`` hashed, once; the timed span includes the first batch) with
+verification on beside off, alternating, best of ``--repeats``, as 1 rank and as rank 0 of
+``--world-size`` ranks (each rank hashes every shard it opens but reads only its share of the
+samples, so the relative cost grows with the rank count). The shards are in the page cache.
+
+Startup: ``build_train_loader`` plus locating the first sample, on manifests with 100, 10,000 and
+100,000 shard entries (target: under 1 s for 10,000, flat in shard count).
 """
 
 from __future__ import annotations
@@ -51,7 +60,27 @@ def time_ours(manifest: Path, batch: int, n_batches: int, workers: int) -> float
     start = time.perf_counter()
     for _ in range(n_batches):
         next(it)
-    return n_batches * batch / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    loader.close()
+    return n_batches * batch / seconds
+
+
+def time_epoch(manifest: Path, batch: int, world_size: int, verify: bool) -> tuple[float, int]:
+    """Samples/s of one epoch of rank 0's batches from a fresh loader, first batch included;
+    and the shards it hashed."""
+    from data_pipeline.loader.config import LoaderConfig
+    from data_pipeline.loader.train import build_train_loader
+
+    start = time.perf_counter()
+    loader = build_train_loader(LoaderConfig(manifests=[str(manifest)], verify_checksums=verify),
+                                batch, 0, world_size)
+    n_batches = loader.epoch_batches()
+    it = iter(loader)
+    for _ in range(n_batches):
+        next(it)
+    seconds = time.perf_counter() - start
+    loader.close()
+    return n_batches * batch / seconds, loader.stats["verified_shards"]
 
 
 def time_webdataset(manifest: Path, batch: int, n_batches: int) -> float:
@@ -104,6 +133,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=500)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--world-size", type=int, default=8,
+                    help="verification cost also measured as rank 0 of this many ranks")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,12 +145,25 @@ def main() -> None:
         for _ in range(args.repeats):
             ours.append(time_ours(manifest, args.batch, args.batches, args.workers))
             plain.append(time_webdataset(manifest, args.batch, args.batches))
+        verification = {}
+        for world in sorted({1, args.world_size}):
+            on, off, hashed = [], [], 0
+            for _ in range(max(args.repeats, 3)):
+                rate, hashed = time_epoch(manifest, args.batch, world, True)
+                on.append(rate)
+                off.append(time_epoch(manifest, args.batch, world, False)[0])
+            verification[world] = (max(on), max(off), hashed)
         startup = {n: time_startup(manifest, n, work) for n in (100, 10_000, 100_000)}
     print(f"shards: {len(data['splits']['train'])}, samples of {data['seq_len'] + 1} {data['dtype']}, "
           f"batch {args.batch}, {args.batches} batches, loader workers {args.workers}")
     print(f"loader (ours):           {max(ours):10.0f} samples/s")
     print(f"plain webdataset:        {max(plain):10.0f} samples/s")
     print(f"ratio ours / webdataset: {max(ours) / max(plain):10.2f}x")
+    size_mb = sum(e["bytes"] for e in data["splits"]["train"]) / 1e6
+    for world, (on, off, hashed) in verification.items():
+        print(f"one epoch of rank 0 of {world} ({hashed} shards, {size_mb:.1f} MB hashed): "
+              f"sha256 verification on {on:10.0f} samples/s, off {off:10.0f} samples/s: "
+              f"on / off {on / off:5.2f}x")
     for n, t in startup.items():
         print(f"startup, {n:>7,} shard entries: {t * 1000:8.1f} ms")
 
