@@ -6,7 +6,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import socket
+import threading
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,6 +92,7 @@ def init_distributed(train: TrainConfig) -> DistContext:
     deepspeed.init_distributed(dist_backend=process_group_backend(device))
     if device.type == "cpu":
         atexit.register(release_cpu_shm_segment, dist.get_rank())
+    watch_deepspeed_launcher()
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
@@ -101,6 +104,75 @@ def release_cpu_shm_segment(rank: int) -> None:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
     (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+DEEPSPEED_LAUNCH_MODULE = "deepspeed.launcher.launch"
+
+
+def watch_deepspeed_launcher(poll_seconds: float = 1.0) -> threading.Thread | None:
+    """Under the ``deepspeed`` command, stop as on SIGTERM when that command goes away.
+
+    ``deepspeed`` (``deepspeed/launcher/runner.py``) starts ``python -m deepspeed.launcher.launch``
+    on each node, which starts the ranks. On a single node the runner installs no signal handler,
+    so ``kill <pid of deepspeed>`` ends the runner alone and leaves ``launch.py`` and the ranks
+    training as orphans. Each rank started by ``launch.py`` therefore watches its parent and its
+    parent's parent (the runner, or the ssh session on other nodes): when either is gone, the rank
+    sends itself SIGTERM, which the trainer turns into a checkpoint at the next step boundary on
+    every rank and exit 0; ``launch.py`` then exits with them. Returns the watching thread, or
+    None when the rank was not started by ``launch.py``.
+    """
+    import psutil
+
+    try:
+        launch = psutil.Process(os.getppid())
+        if DEEPSPEED_LAUNCH_MODULE not in " ".join(launch.cmdline()):
+            return None
+        runner_pid = launch.ppid()
+    except psutil.Error:
+        return None
+    stop = threading.Event()
+
+    def gone() -> str | None:
+        if os.getppid() != launch.pid:
+            return f"DeepSpeed's launch.py (pid {launch.pid})"
+        try:
+            if launch.ppid() == runner_pid:
+                return None
+        except psutil.Error:
+            return f"DeepSpeed's launch.py (pid {launch.pid})"
+        return f"the deepspeed command (pid {runner_pid})"
+
+    def watch() -> None:
+        while not stop.wait(poll_seconds):
+            what = gone()
+            if what is not None:
+                log.warning("%s exited: stopping as on SIGTERM (every rank saves a checkpoint at the next "
+                            "step boundary and exits)", what)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    thread = threading.Thread(target=watch, name="deepspeed-launcher-watch", daemon=True)
+    thread.start()
+    atexit.register(stop.set)
+    return thread
+
+
+class _UntestedOptimizerFilter(logging.Filter):
+    """Drops DeepSpeed's "ZeRO with an untested optimizer" warning (see :func:`build_engine`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+def zero_supported_base(optimizer: torch.optim.Optimizer) -> type | None:
+    """The optimizer class ZeRO supports (DeepSpeed's own list) that ``optimizer`` extends, if any.
+
+    DeepSpeed compares the exact type, so a subclass such as ``SkippingAdamW`` (torch AdamW plus
+    one all-reduced finite check before stepping) counts as untested although every update is
+    its parent's."""
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    return next((base for base in type(optimizer).__mro__ if base in ZERO_SUPPORTED_OPTIMIZERS), None)
 
 
 def partitioned_init(ds_config: dict[str, Any]) -> AbstractContextManager:
@@ -129,5 +201,16 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: t
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=model_parameters, config=ds_config)
         return engine, ds_optimizer
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    base = zero_supported_base(optimizer) if ds_config["zero_optimization"]["stage"] > 0 else None
+    quiet = _UntestedOptimizerFilter()
+    if base is not None and type(optimizer) is not base:
+        # DeepSpeed warns on every run that ZeRO meets an "untested optimizer" (its check is by
+        # exact type); ours only adds a step-skipping check to a class ZeRO supports
+        log.debug("%s extends %s.%s, which ZeRO supports: DeepSpeed's untested-optimizer warning is "
+                  "not shown", type(optimizer).__name__, base.__module__, base.__name__)
+        logging.getLogger("DeepSpeed").addFilter(quiet)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    finally:
+        logging.getLogger("DeepSpeed").removeFilter(quiet)
     return engine, optimizer
