@@ -17,11 +17,13 @@ from training.config import PretrainConfig
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true",
-        help="validate the config, print the DeepSpeed config and per-GPU memory estimates, and exit",
+        help="validate the config and the data manifests, print the DeepSpeed config and per-GPU memory "
+             "estimates, and exit (status 2 when the run would stop)",
     )
     parser.add_argument(
         "--world-size", type=int, default=None,
-        help="with --dry-run: the number of GPUs to plan for (default: WORLD_SIZE or 1)",
+        help="with --dry-run: the number of GPUs to plan for (default: the launcher's WORLD_SIZE, else the "
+             "recipe's train.planned_world_size)",
     )
 
 

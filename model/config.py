@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import ModelWrapValidatorHandler, model_validator
 
 from crucible.config import Section
 from crucible.errors import ConfigError
@@ -70,18 +70,24 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype when the model is built outside DeepSpeed (generation, export)."""
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
+    def _apply_preset(cls, data: Any, handler: ModelWrapValidatorHandler[ModelConfig]) -> ModelConfig:
+        """Fill in the preset's keys under the ones given. Only the given keys count as set
+        (``model_fields_set``), so a stage can tell a value the recipe or command line chose
+        from a preset's or a default (see :func:`resolve_model_config`'s ``seq_len``)."""
         if not isinstance(data, dict) or data.get("preset") is None:
-            return data
+            return handler(data)
         name = data["preset"]
         if name not in PRESETS:
             raise ValueError(
                 f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)} "
                 "or set the shape keys (dim, n_layers, ...) yourself"
             )
-        return {**PRESETS[name], **data}
+        validated = handler({**PRESETS[name], **data})
+        # pydantic's record of the given fields (what model_fields_set returns)
+        object.__setattr__(validated, "__pydantic_fields_set__", set(data) & set(cls.model_fields))
+        return validated
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -126,9 +132,21 @@ class ModelConfig(Section):
         return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
 
 
-def resolve_model_config(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
+def max_seq_len_is_explicit(cfg: ModelConfig) -> bool:
+    """Whether ``max_seq_len`` was given (recipe, command line, saved config) rather than taken
+    from the preset or the default."""
+    return "max_seq_len" in cfg.model_fields_set
+
+
+def resolve_model_config(cfg: ModelConfig, vocab_size: int | None = None, seq_len: int | None = None) -> ModelConfig:
     """A concrete config: the named preset under the explicitly set keys, and the tokenizer's
     vocabulary size (when given) in place of ``vocab_size``. ``preset`` is kept for the record.
+
+    ``seq_len`` is the sequence length of the training data (the token shards' ``seq_len``):
+    when ``max_seq_len`` was not set explicitly and the preset's (or default) context is
+    shorter, the context grows to ``seq_len``; an explicit ``max_seq_len`` is kept as given
+    (the caller refuses one that is too short). The result has every key set, so it is saved
+    and compared (checkpoint resume) as the value the model was built with.
 
     Idempotent: resolving a resolved config (or one read back from a saved ``config.yaml``)
     changes nothing but ``vocab_size``.
@@ -139,6 +157,8 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int | None = None) -> Mod
             raise ConfigError(f"model.preset: unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[cfg.preset])
     values.update({k: getattr(cfg, k) for k in cfg.model_fields_set})
+    if seq_len is not None and not max_seq_len_is_explicit(cfg):
+        values["max_seq_len"] = max(values.get("max_seq_len", cfg.max_seq_len), seq_len)
     if vocab_size is not None:
         if vocab_size <= 0:
             raise ConfigError(f"the tokenizer's vocabulary size must be positive, got {vocab_size}")

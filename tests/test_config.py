@@ -128,3 +128,41 @@ def test_launcher_help_lists_documented_fields():
     assert proc.returncode == 0
     assert "train.max_steps (int, default 100): Stop after this many optimizer steps." in proc.stdout
     assert "--local_rank" in proc.stdout
+
+
+def test_preset_keys_do_not_count_as_set_explicitly(tmp_path):
+    """A preset fills its shape in, but only keys the recipe or the command line gave count as
+    set: that is how pretraining tells a preset's max_seq_len (which follows the shards) from a
+    chosen one (which must hold them)."""
+    from model.config import max_seq_len_is_explicit
+
+    recipe = load_config(PretrainConfig, ROOT / "configs/pretrain/cpu_tiny.yaml")
+    assert recipe.model.max_seq_len == 128 and recipe.model.dim == 64  # the tiny preset's
+    assert recipe.model.model_fields_set == {"preset"} and not max_seq_len_is_explicit(recipe.model)
+    assert not max_seq_len_is_explicit(ModelConfig())
+    assert max_seq_len_is_explicit(ModelConfig(preset="tiny", max_seq_len=128))
+    override = load_config(PretrainConfig, ROOT / "configs/pretrain/cpu_tiny.yaml", ["model.max_seq_len=128"])
+    assert max_seq_len_is_explicit(override.model)
+    in_file = load_config(PretrainConfig, ROOT / "configs/pretrain/gpu_125m_zero1.yaml")
+    assert max_seq_len_is_explicit(in_file.model) and in_file.model.max_seq_len == 2048
+    # a saved (resolved) config names every key, so it reloads as explicit
+    out = tmp_path / "config.yaml"
+    out.write_text(dump_config(recipe))
+    assert max_seq_len_is_explicit(load_config(PretrainConfig, out).model)
+
+
+def test_resolving_with_the_data_sequence_length():
+    from model.config import resolve_model_config
+
+    tiny = ModelConfig(preset="tiny")
+    assert resolve_model_config(tiny, vocab_size=300, seq_len=256).max_seq_len == 256
+    assert resolve_model_config(tiny, vocab_size=300, seq_len=64).max_seq_len == 128
+    assert resolve_model_config(ModelConfig(preset="tiny", max_seq_len=100), seq_len=256).max_seq_len == 100
+    assert resolve_model_config(ModelConfig(), seq_len=1024).max_seq_len == 1024  # the default 256 grows too
+    resolved = resolve_model_config(tiny, vocab_size=300, seq_len=256)
+    assert resolve_model_config(resolved, vocab_size=300, seq_len=64) == resolved  # idempotent once resolved
+
+
+def test_planned_world_size_must_be_positive():
+    with pytest.raises(ConfigError, match="train.planned_world_size"):
+        load_config(PretrainConfig, ROOT / "configs/pretrain/cpu_tiny.yaml", ["train.planned_world_size=0"])

@@ -290,17 +290,115 @@ def test_cpu_tiny_recipe_loads():
 
 # ---------------------------------------------------------------------------- launcher checks
 
-def test_dry_run_prints_deepspeed_config_and_memory(capsys):
+@pytest.fixture(scope="module")
+def token_manifest(tmp_path_factory) -> Path:
+    from tests.datasets import shared_token_dataset
+
+    return shared_token_dataset(tmp_path_factory)
+
+
+def test_dry_run_prints_deepspeed_config_and_memory(capsys, token_manifest):
     from launcher.pretrain import main
 
-    rc = main(["--config", "configs/pretrain/gpu_7b_zero3.yaml", "--dry-run", "--world-size", "32"])
+    rc = main(["--config", "configs/pretrain/gpu_7b_zero3.yaml", "--dry-run", "--world-size", "16",
+               f"data.manifests=[{token_manifest},{token_manifest}]"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert '"train_batch_size": 1024' in out and '"stage": 3' in out
-    assert "GiB per GPU" in out and "<- this plan" in out and "4 node(s) x 8 GPU(s)" in out
+    assert '"train_batch_size": 1024' in out and '"stage": 3' in out and '"gradient_accumulation_steps": 16' in out
+    assert "GiB per GPU" in out and "2 node(s) x 8 GPU(s)" in out and "from --world-size" in out
+    plan = next(line for line in out.splitlines() if "<- this plan" in line)
+    assert "2 node(s) x 8 GPU(s)" in plan
+    # the model takes the shards' vocabulary (512), not model.vocab_size
+    assert "vocabulary 512 from the tokenizer" in out
+    assert "data: 2 manifest(s), seq_len 64" in out
 
 
-def test_dry_run_batch_mismatch_exits_2(capsys):
+def test_dry_run_plans_for_the_gpus_the_recipe_was_written_for(capsys, token_manifest):
+    from launcher.pretrain import main
+
+    rc = main(["--config", "configs/pretrain/gpu_7b_zero3.yaml", "--dry-run",
+               f"data.manifests=[{token_manifest},{token_manifest}]"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "data-parallel size 32, from train.planned_world_size" in out
+    assert '"gradient_accumulation_steps": 8' in out  # 1024 / (4 x 32)
+    assert "4 node(s) x 8 GPU(s)" in next(line for line in out.splitlines() if "<- this plan" in line)
+
+
+def test_planned_world_size_is_derived_from_a_fixed_batch_arithmetic():
+    from training.deepspeed_config import planned_world_size
+
+    assert planned_world_size(TrainConfig(planned_world_size=12))[0] == 12
+    assert planned_world_size(TrainConfig(micro_batch_size=4, grad_accum_steps=2, global_batch_size=64))[0] == 8
+    assert planned_world_size(TrainConfig(micro_batch_size=4, global_batch_size=64)) == (
+        1, "default: the recipe sets no train.planned_world_size")
+
+
+def test_dry_run_without_a_plan_says_to_pass_world_size(capsys, token_manifest):
+    from launcher.pretrain import main
+
+    rc = main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run", f"data.manifests=[{token_manifest}]",
+               "train.planned_world_size=null", "train.micro_batch_size=24"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "train.global_batch_size (512) is not a multiple of" in err
+    assert "pass --world-size N" in err and "train.planned_world_size" in err
+
+
+def test_dry_run_names_a_missing_manifest_and_the_command_that_builds_it(capsys):
+    from launcher.pretrain import main
+
+    rc = main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "deepspeed config (data-parallel size 8" in captured.out  # the plan is printed first
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "data.manifests: data/tokens/web/manifest.json does not exist" in err
+    assert "python launcher/shard.py --config configs/data/<data recipe>.yaml" in err and "output=data/tokens/web" in err
+    rc = main(["--config", "configs/pretrain/cpu_tiny.yaml", "--dry-run", "data.manifests=[runs/nowhere/shards/manifest.json]"])
+    assert rc == 2
+    assert "`python launcher/prepare_data.py --config configs/data/<data recipe>.yaml output=runs/nowhere`" in \
+        capsys.readouterr().err
+
+
+def test_the_missing_sample_manifest_names_the_readme_command():
+    from training.steps.language_model import build_command
+
+    assert build_command("runs/sample/shards/manifest.json") == (
+        "python launcher/prepare_data.py --config configs/data/sample.yaml output=runs/sample")
+
+
+def test_dry_run_refuses_an_explicit_context_shorter_than_the_shards(capsys, token_manifest):
+    from launcher.pretrain import main
+
+    rc = main(["--config", "configs/pretrain/cpu_tiny.yaml", "--dry-run", f"data.manifests=[{token_manifest}]",
+               "model.max_seq_len=32"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "the token shards hold sequences of 64 tokens but model.max_seq_len is set to 32" in captured.err
+    assert "data-parallel size 2, from train.planned_world_size" in captured.out
+
+
+def test_model_context_follows_the_shards_unless_set():
+    from model.config import ModelConfig
+    from training.steps.language_model import model_config_for
+
+    recipe = load_config(PretrainConfig, "configs/pretrain/cpu_tiny.yaml")  # tiny: 128, not set
+    assert model_config_for(recipe, 512, 256).max_seq_len == 256
+    assert model_config_for(recipe, 512, 64).max_seq_len == 128  # the preset's context holds the shards
+    explicit = load_config(PretrainConfig, "configs/pretrain/cpu_tiny.yaml", ["model.max_seq_len=128"])
+    with pytest.raises(UserError, match="model.max_seq_len is set to 128"):
+        model_config_for(explicit, 512, 256)
+    longer = load_config(PretrainConfig, "configs/pretrain/cpu_tiny.yaml", ["model.max_seq_len=512"])
+    assert model_config_for(longer, 512, 256).max_seq_len == 512
+    # the resolved config is what is saved and compared on resume: reloaded, it resolves the same
+    resolved = model_config_for(recipe, 512, 256)
+    again = ModelConfig.model_validate(resolved.model_dump())
+    assert model_config_for(recipe.model_copy(update={"model": again}), 512, 256) == resolved
+
+
+def test_dry_run_batch_mismatch_exits_2(capsys, token_manifest):
     from launcher.pretrain import main
 
     rc = main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run", "--world-size", "4",
@@ -309,8 +407,19 @@ def test_dry_run_batch_mismatch_exits_2(capsys):
     assert rc == 2
     assert "train.global_batch_size (512)" in err and "data-parallel size (4) = 256" in err
     # as shipped, the recipe derives its accumulation and runs on 4 GPUs
-    assert main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run", "--world-size", "4"]) == 0
+    assert main(["--config", "configs/pretrain/gpu_125m_zero1.yaml", "--dry-run", "--world-size", "4",
+                 f"data.manifests=[{token_manifest}]"]) == 0
     assert '"gradient_accumulation_steps": 8' in capsys.readouterr().out
+
+
+def test_our_optimizer_extends_one_zero_supports():
+    """DeepSpeed checks the exact type and would warn "untested optimizer" on every run;
+    build_engine hides that warning only for a subclass of a class ZeRO supports."""
+    from training.engine import zero_supported_base
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert zero_supported_base(SkippingAdamW(params)) is torch.optim.AdamW
+    assert zero_supported_base(torch.optim.SGD(params, lr=0.1)) is None
 
 
 def test_fp16_on_cpu_is_refused_before_starting(capsys, tmp_path):
@@ -337,6 +446,58 @@ def test_recipe_memory_claims_match_the_dry_run(path):
     model = resolve_model_config(cfg.model)
     est = estimate_memory_per_gpu(cfg.train, num_params(model), model.vocab_size * model.dim, gpus, nodes)
     assert est["gpu_gib"] == pytest.approx(claimed, abs=0.006)
+    assert cfg.train.planned_world_size == nodes * gpus, "the header's plan is the recipe's train.planned_world_size"
+
+
+def _readme_recipe_table() -> dict[str, list[str]]:
+    lines = Path("README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index(next(ln for ln in lines if ln.startswith("| recipe | model | ZeRO |")))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def test_readme_recipe_table_matches_the_recipe_files():
+    """Every pretraining recipe is in the README's table with its own numbers, and nothing else is."""
+    from model.config import max_seq_len_is_explicit, resolve_model_config
+
+    table = _readme_recipe_table()
+    recipes = sorted(Path("configs/pretrain").glob("*.yaml"))
+    assert sorted(table) == sorted(p.name for p in recipes)
+    for path in recipes:
+        model_cell, zero, precision, batch, planned, memory = table[path.name]
+        cfg = load_config(PretrainConfig, path)
+        train, where = cfg.train, path.name
+        assert model_cell == cfg.model.preset, where
+        assert zero.split()[0] == str(train.zero_stage), where
+        assert ("offload" in zero) == (train.offload_optimizer != "none"), where
+        assert precision == train.precision, where
+        world = train.planned_world_size
+        sequences = train.global_batch_size or train.micro_batch_size * (train.grad_accum_steps or 1) * world
+        count, _, rest = batch.partition(" × ")
+        assert int(count) == sequences, where
+        if max_seq_len_is_explicit(cfg.model):
+            seq = resolve_model_config(cfg.model).max_seq_len
+            assert rest.split()[0] == str(seq), where
+            assert f"({sequences * seq / 2**20:.2g}M)" in rest, where
+        else:
+            assert rest.startswith("shards' seq_len"), where
+            assert f"({train.micro_batch_size} per rank)" in rest, where
+        if train.device == "cpu":
+            assert planned == f"{world} CPU ranks", where
+        elif world == 1:
+            assert planned.startswith("1 GPU"), where
+        else:
+            assert planned == f"{world // 8} × 8 GPUs", where
+        claim = CLAIM.search(path.read_text())
+        if claim:
+            assert memory.startswith(f"{claim.group(3)} GiB"), where
+        else:
+            assert "GiB" not in memory, where
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

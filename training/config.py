@@ -62,6 +62,8 @@ class TrainConfig(Section):
     """Micro batches accumulated per optimizer step (null: global_batch_size / (micro_batch_size x data-parallel size) when global_batch_size is set, else 1)."""
     global_batch_size: int | None = Field(None, gt=0)
     """Sequences per optimizer step over all ranks; checked against micro_batch x grad_accum x data-parallel size."""
+    planned_world_size: int | None = Field(None, gt=0)
+    """Ranks (GPUs) the recipe was written for: --dry-run plans for this many unless --world-size is given (null: derived from global_batch_size / (micro_batch_size x grad_accum_steps) when both are fixed, else 1). A run on another count keeps its global batch when grad_accum_steps is null."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -63,6 +63,20 @@ def resolve_batch(train: TrainConfig, data_parallel_size: int) -> BatchPlan:
     return BatchPlan(train.micro_batch_size, accum, data_parallel_size, product)
 
 
+def planned_world_size(train: TrainConfig) -> tuple[int, str]:
+    """The data-parallel size a recipe was written for, and where that number comes from:
+    ``train.planned_world_size``, else ``global / (micro x accumulation)`` when both are fixed,
+    else 1 (nothing in the recipe says)."""
+    if train.planned_world_size is not None:
+        return train.planned_world_size, "train.planned_world_size"
+    if train.grad_accum_steps is not None and train.global_batch_size is not None:
+        per_rank = train.micro_batch_size * train.grad_accum_steps
+        if train.global_batch_size % per_rank == 0:
+            return (train.global_batch_size // per_rank,
+                    "train.global_batch_size / (train.micro_batch_size x train.grad_accum_steps)")
+    return 1, "default: the recipe sets no train.planned_world_size"
+
+
 def check_device_support(train: TrainConfig, device_type: str) -> None:
     """Refuse combinations the device cannot run, with a message saying what to use instead."""
     if device_type == "cpu" and train.precision == "fp16":

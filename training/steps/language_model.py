@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from crucible.errors import DataError, UserError
 from crucible.provenance import provenance
 from data_pipeline.loader.evaluation import build_eval_loader
 from data_pipeline.loader.train import build_train_loader
-from model.config import ModelConfig, resolve_model_config
+from data_pipeline.shards.manifest import MANIFEST_FILE, is_url
+from model.config import ModelConfig, max_seq_len_is_explicit, resolve_model_config
 from model.io import save_model_dir
 from model.transformer import Transformer, build_transformer
 from training.collectives import sum_over_ranks
@@ -27,16 +29,62 @@ from training.steps.base import StepModule, StepOutput
 
 log = logging.getLogger("crucible.training.language_model")
 
+DATA_RECIPES = Path("configs") / "data"
+
 
 def model_config_for(cfg: PretrainConfig, vocab_size: int, seq_len: int) -> ModelConfig:
-    """The recipe's model config with the shards' vocabulary; refuses sequences it cannot hold."""
-    model_cfg = resolve_model_config(cfg.model, vocab_size=vocab_size)
+    """The recipe's model config with the shards' vocabulary and context.
+
+    ``model.max_seq_len`` left to the preset (or default) grows to the shards' ``seq_len`` when
+    that is longer; one set explicitly (recipe or command line) that cannot hold the shards'
+    sequences is refused.
+    """
+    model_cfg = resolve_model_config(cfg.model, vocab_size=vocab_size, seq_len=seq_len)
     if model_cfg.max_seq_len < seq_len:
         raise UserError(
-            f"the token shards hold sequences of {seq_len} tokens but model.max_seq_len is "
-            f"{model_cfg.max_seq_len}; set model.max_seq_len={seq_len} or shard with a shorter seq_len"
+            f"the token shards hold sequences of {seq_len} tokens but model.max_seq_len is set to "
+            f"{model_cfg.max_seq_len}; set model.max_seq_len={seq_len} (or leave it out to take the "
+            f"shards' length), or shard with shard.seq_len<={model_cfg.max_seq_len}"
         )
+    if not max_seq_len_is_explicit(cfg.model) and model_cfg.max_seq_len != resolve_model_config(cfg.model).max_seq_len:
+        log.info("model.max_seq_len %d, the token shards' seq_len (not set; %s: %d)", model_cfg.max_seq_len,
+                 f"preset {cfg.model.preset}" if cfg.model.preset else "default", cfg.model.max_seq_len)
     return model_cfg
+
+
+def build_command(manifest: str) -> str:
+    """The command that writes ``manifest``: ``prepare_data`` for ``<out>/shards/manifest.json``
+    (with the data recipe whose cleaning output is ``<out>/clean``, when there is one), else
+    ``shard.py`` into the manifest's folder."""
+    path = Path(manifest)
+    folder = path.parent if path.name == MANIFEST_FILE else path
+    recipe = "configs/data/<data recipe>.yaml"
+    if folder.name == "shards":
+        out = folder.parent
+        for candidate in sorted(DATA_RECIPES.glob("*.yaml")):
+            try:
+                output = (yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}).get("output")
+            except (OSError, ValueError):
+                continue
+            if output and Path(str(output)) == out / "clean":
+                recipe = candidate.as_posix()
+                break
+        return f"python launcher/prepare_data.py --config {recipe} output={out.as_posix()}"
+    return (f"python launcher/shard.py --config {recipe} input=<clean dir> tokenizer_dir=<tokenizer dir> "
+            f"output={folder.as_posix()}")
+
+
+def require_manifests(manifests: list[str]) -> None:
+    """Refuse missing local manifests with one line naming every one and the command that
+    builds the first (URLs are left to the loader)."""
+    missing = [m for m in manifests if not is_url(m) and not Path(m).exists()]
+    if not missing:
+        return
+    names = ", ".join(missing)
+    raise DataError((f"data.manifests: {names} does not exist" if len(missing) == 1 else
+                     f"data.manifests: {len(missing)} manifests do not exist: {names}")
+                    + f"; build the token shards with `{build_command(missing[0])}`, or set "
+                    "data.manifests=[<path to your shards' manifest.json>]")
 
 
 def tokenizer_sha256(loader: Any) -> str | None:
@@ -87,6 +135,11 @@ class LanguageModelStep(StepModule):
                 "data.manifests is empty: list the manifest.json of your token shards "
                 "(written by launcher/shard.py), e.g. data.manifests=[runs/shards/manifest.json]"
             )
+        require_manifests(self.cfg.data.manifests)
+        planned = self.cfg.train.planned_world_size
+        if planned is not None and planned != plan.data_parallel_size:
+            log.info("the recipe is planned for %d ranks and runs on %d: gradient accumulation %d, global "
+                     "batch %d", planned, plan.data_parallel_size, plan.grad_accum_steps, plan.global_batch_size)
         self.loader = build_train_loader(self.cfg.data, plan.micro_batch_size, self.ctx.rank, self.ctx.world_size)
         self.seq_len = int(self.loader.seq_len)
         self.model_cfg = model_config_for(self.cfg, int(self.loader.vocab_size), self.seq_len)
