@@ -1,6 +1,7 @@
 """The main job end to end: a reduced `make demo` (fewer steps) on the bundled sample."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,25 @@ def test_reduced_demo_end_to_end(tmp_path):
         assert part in report, part
     for png in ("funnel.png", "pretrain_loss.png", "finetune_loss.png"):
         assert (run / png).stat().st_size > 5_000
+
+    # launcher/report.py builds the same report for a chain of stage directories, noting what is absent
+    chain = tmp_path / "chain" / "report.md"
+    proc = subprocess.run([sys.executable, "launcher/report.py", str(run / "data/clean"), str(run / "data/shards"),
+                           str(run / "pretrain"), str(run / "finetune_sentiment"), str(run / "finetune_other"),
+                           "--out", str(chain)], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = chain.read_text()
+    for part in ("## Data funnel", "## Tokenizer", "## Token shards", "## Pretraining", "MFU", "## Fine-tuning",
+                 "| test | accuracy |", "Contamination check", "finetune_other`: does not exist, skipped", "## Configs"):
+        assert part in text, part
+    for png in ("funnel.png", "pretrain_loss.png", "finetune_loss.png"):
+        assert (chain.parent / png).stat().st_size > 5_000
+
+    # the fine-tune's log lines carry the fine-tune's logger names, not the pretraining ones
+    names = set(re.findall(r"\] [A-Z]+ (crucible[\w.]*):", (run / "finetune_sentiment/logs/rank0.log").read_text()))
+    assert "crucible.training.task" in names, names
+    assert not any("pretrain" in name or "language_model" in name for name in names), names
 
     # a second run reuses every completed stage
     again = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
