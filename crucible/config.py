@@ -14,6 +14,7 @@ the file and what is allowed.
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from crucible.errors import ConfigError
 from crucible.fileio import atomic_write_text
@@ -39,6 +40,36 @@ class Section(BaseModel):
         coerce_numbers_to_str=True,
         validate_default=True,
     )
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    """Root config from :func:`load_config`: dotted key -> where its value was set."""
+
+    def __eq__(self, other: object) -> bool:
+        """Configs with equal values are equal, wherever the values were set."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+
+COMMAND_LINE = "the command line"
+DEFAULT = "the default"
+
+
+def value_origin(cfg: Section, key: str) -> str | None:
+    """Where the value of dotted ``key`` of a root config came from: :data:`COMMAND_LINE`, the
+    YAML file's path or :data:`DEFAULT`; None for a config not made by :func:`load_config`."""
+    if not cfg._origins:
+        return None
+    return cfg._origins.get(key, DEFAULT)
+
+
+def describe_value(cfg: Section, key: str) -> str:
+    """``key=value`` with where the value came from, for messages about values that conflict:
+    ``train.max_steps=2 (from the command line)``."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    origin = value_origin(cfg, key)
+    return f"{key}={value}" + (f" (from {origin})" if origin else "")
 
 
 def _parse_overrides(overrides: list[str]) -> Any:
@@ -75,16 +106,44 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
+def _field_keys(cls: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every dotted key of a config class (sections and their fields)."""
+    keys: set[str] = set()
+    for name, field in cls.model_fields.items():
+        keys.add(prefix + name)
+        sub = _unwrap(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys |= _field_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
 def format_validation_error(
-    exc: ValidationError, root_cls: type[Section], source: str, override_keys: set[str]
+    exc: ValidationError, root_cls: type[Section], source: str, override_keys: set[str],
+    file_keys: set[str] | None = None,
 ) -> str:
-    """One message naming every bad key, where it came from, and what is allowed."""
+    """One message naming every bad key, where it came from, and what is allowed.
+
+    A cross-field rule's message names its keys; each gets where it was set (``file_keys``:
+    the keys the file sets), so a value given on the command line is not blamed on the file.
+    """
     lines = []
+    known = _field_keys(root_cls)
+
+    def origin_of(key: str) -> str:
+        if key in override_keys:
+            return COMMAND_LINE
+        return source if file_keys is None or key in file_keys else DEFAULT
+
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
         origin = "command-line override" if key in override_keys else source
         kind = err["type"]
+        msg = err["msg"].removeprefix("Value error, ")
+        named = sorted(set(re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b", msg)) & known, key=msg.index)
+        if kind == "value_error" and named:
+            lines.append(f"{msg} ({', '.join(f'{k} from {origin_of(k)}' for k in named)})")
+            continue
         if kind == "extra_forbidden":
             section = _section_at(root_cls, loc)
             allowed = sorted(section.model_fields) if section else []
@@ -94,7 +153,6 @@ def format_validation_error(
         elif kind == "missing":
             lines.append(f"{key}: required but not set (in {origin})")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
             if not loc or kind == "value_error":
                 # cross-field rules name their keys in the message itself
                 lines.append(f"{msg} (in {origin})")
@@ -139,10 +197,13 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise ConfigError(f"could not merge {source} with overrides {overrides}: {exc}") from None
     override_keys = _flatten_keys(OmegaConf.to_container(over))
+    file_keys = _flatten_keys(OmegaConf.to_container(base))
     try:
-        return root_cls.model_validate(merged)
+        cfg = root_cls.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, root_cls, source, override_keys)) from None
+        raise ConfigError(format_validation_error(exc, root_cls, source, override_keys, file_keys)) from None
+    cfg._origins = {**{k: source for k in file_keys}, **{k: COMMAND_LINE for k in override_keys}}
+    return cfg
 
 
 def config_to_dict(cfg: BaseModel) -> dict:
