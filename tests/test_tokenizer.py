@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 
 from crucible.config import load_config
-from crucible.errors import ConfigError
+from crucible.errors import ConfigError, DataError
+from data_pipeline.clean.output import clean_shard_paths
 from data_pipeline.config import DataPrepConfig
 from data_pipeline.tokenizer.config import TokenizerConfig
 from data_pipeline.tokenizer.hf import build_hf_tokenizer
 from data_pipeline.tokenizer.sample import sample_documents
 from data_pipeline.tokenizer.train import split_long_line, train_tokenizer
 from tests.datasets import SAMPLE, sample_texts, shared_token_dataset
+from tests.harness import ROOT, cpu_env
 
 EDGE_CASES = [
     "", " ", "  two leading spaces", "trailing spaces   ", "tab\tseparated\tvalues",
@@ -127,3 +131,25 @@ def test_training_is_reproducible(tmp_path):
     b = train_tokenizer(list(reversed(texts)), cfg, tmp_path / "b")  # sample is order independent
     assert a["sha256"] == b["sha256"]
     assert (tmp_path / "a" / "tokenizer.model").read_bytes() == (tmp_path / "b" / "tokenizer.model").read_bytes()
+
+
+def test_a_raw_folder_is_not_taken_for_an_unfinished_cleaning_run(tmp_path):
+    """A folder of raw files was never a cleaning output: say so and show the clean command,
+    instead of "the cleaning run did not finish; rerun it"; an unfinished run is told apart."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text('{"text": "hello"}\n')
+    (raw / "b.txt").write_text("world\n")
+    proc = subprocess.run([sys.executable, "launcher/build_tokenizer.py", f"input={raw}", f"output={tmp_path / 'tok'}"],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{raw} is not the output of a cleaning run (no docs-*.tar, stats.json or _SUCCESS; it holds a.jsonl, b.txt)" in proc.stderr
+    assert f"python launcher/clean.py input={raw} output=<clean folder>" in proc.stderr
+    assert "did not finish" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "tok").exists()
+
+    unfinished = tmp_path / "clean"
+    (unfinished / "_work").mkdir(parents=True)  # what a stopped launcher/clean.py leaves
+    with pytest.raises(DataError, match=r"has no _SUCCESS marker: the cleaning run that writes it did not "
+                                        r"finish .* rerun the same launcher/clean.py command"):
+        clean_shard_paths(unfinished)

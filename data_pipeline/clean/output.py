@@ -24,6 +24,7 @@ from webdataset.tariterators import tarfile_to_samples
 
 from crucible.errors import DataError
 from crucible.fileio import atomic_open, atomic_write_text
+from data_pipeline.clean.work import WORK
 
 SUCCESS = "_SUCCESS"
 STATS_FILE = "stats.json"
@@ -103,18 +104,40 @@ class CleanShardWriter:
 
 
 def clean_shard_paths(input_dir: str | Path, require_success: bool = True) -> list[Path]:
-    """The ``docs-NNNNNN.tar`` of a finished cleaning run, in order."""
+    """The ``docs-NNNNNN.tar`` of a finished cleaning run, in order.
+
+    A folder that is not a finished cleaning output is refused with what it is instead: never a
+    cleaning output (raw files: clean them first), or a cleaning run that did not finish (rerun it).
+    """
     folder = Path(input_dir)
     if not folder.is_dir():
         raise DataError(f"clean shard folder {folder} does not exist (run launcher/clean.py first)")
-    if require_success and not is_complete(folder):
-        raise DataError(
-            f"{folder} has no {SUCCESS} marker: the cleaning run did not finish; rerun it"
-        )
     paths = sorted(folder.glob(CLEAN_PATTERN))
+    if require_success and not is_complete(folder):
+        if not paths and not (folder / WORK).is_dir() and not (folder / STATS_FILE).is_file():
+            raise DataError(not_clean_output(folder))
+        raise DataError(
+            f"{folder} has no {SUCCESS} marker: the cleaning run that writes it did not finish "
+            f"(it was stopped or failed); rerun the same launcher/clean.py command, which keeps the "
+            f"inputs it finished, then pass input={folder} again"
+        )
     if not paths:
         raise DataError(f"{folder} holds no {CLEAN_PATTERN} shards")
     return paths
+
+
+def not_clean_output(folder: Path) -> str:
+    """Why ``folder`` (no clean shards, no ``_work/``, no ``stats.json``) is not a cleaning output,
+    with the command that makes one from it."""
+    names = sorted(p.name for p in folder.iterdir())
+    shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+    holds = f"it holds {shown}" if names else "it is empty"
+    return (
+        f"{folder} is not the output of a cleaning run (no {CLEAN_PATTERN}, {STATS_FILE} or {SUCCESS}; "
+        f"{holds}): input= expects the output folder of launcher/clean.py. Clean raw files first: "
+        f"python launcher/clean.py input={folder} output=<clean folder>, then pass input=<clean folder> "
+        "(or run launcher/prepare_data.py, which cleans, trains the tokenizer and writes the shards in one go)"
+    )
 
 
 def iter_clean_documents(input_dir: str | Path, require_success: bool = True) -> Iterator[dict]:
