@@ -17,7 +17,10 @@ from training.tasks.config import FinetuneConfig
 
 def _run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     from training.finetune import finetune  # heavy imports only when training
+    from training.tasks.features import find_init_model
 
+    if cfg.init_from:  # a folder that is no model is named before data and ranks are set up
+        find_init_model(cfg.init_from)
     return finetune(cfg)
 
 

@@ -1,5 +1,6 @@
 """Fine-tune data: readers, label maps, bad-data errors, word/sub-word alignment, QA offsets."""
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +66,114 @@ def test_unseen_label_in_dev_is_an_error(tmp_path):
         load_task_data(cfg)
 
 
-def test_empty_split_is_an_error(tmp_path):
-    (tmp_path / "train.tsv").write_text("text\tlabel\ngood\tpos\n")
-    (tmp_path / "empty.tsv").write_text("text\tlabel\n")
-    cfg = TaskConfig(train=str(tmp_path / "train.tsv"), dev=str(tmp_path / "empty.tsv"),
-                     test=str(tmp_path / "train.tsv"))
-    with pytest.raises(DataError, match="empty.tsv has no data rows: the split is empty"):
+@pytest.mark.parametrize("fmt,content,needle", [
+    ("csv", "", r"empty.csv is empty \(0 bytes\): a CSV file of task examples needs a header row"),
+    ("csv", "\n\n", r"empty.csv is empty \(only blank lines\)"),
+    ("tsv", "text\tlabel\n", r"empty.tsv has a header row but no examples"),
+    ("jsonl", "", r"empty.jsonl is empty \(0 bytes\): a JSON lines file"),
+])
+def test_empty_file_is_named_as_empty(tmp_path, fmt, content, needle):
+    """Not datasets' "An error occurred while generating the dataset": the file and what is wrong."""
+    train = tmp_path / f"train.{fmt}"
+    train.write_text('{"text": "good", "label": "pos"}\n' if fmt == "jsonl" else
+                     "text{0}label\ngood{0}pos\n".format("\t" if fmt == "tsv" else ","))
+    (tmp_path / f"empty.{fmt}").write_text(content)
+    cfg = TaskConfig(format=fmt, train=str(train), dev=str(tmp_path / f"empty.{fmt}"), test=str(train))
+    with pytest.raises(DataError, match=needle):
         load_task_data(cfg)
+    with pytest.raises(DataError, match=needle):  # as the training file too
+        load_task_data(cfg.model_copy(update={"train": cfg.dev}))
+
+
+def test_malformed_files_name_the_problem(tmp_path):
+    (tmp_path / "empty.conll").write_text("\n-DOCSTART- O\n\n")
+    with pytest.raises(DataError, match="empty.conll holds no sentences"):
+        read_conll(tmp_path / "empty.conll")
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\ngood,pos\nbad,\n")
+    with pytest.raises(DataError, match=r"train.csv: example 2 has an empty 'label'"):
+        load_task_data(TaskConfig(format="csv", train=str(train)))
+    # pandas would silently read "good" as an index and " fun film" as the text
+    train.write_text("text,label\ngood, fun film,pos\nbad,neg\n")
+    with pytest.raises(DataError, match=r"first example has 3 fields but the header row has 2: a comma inside"):
+        load_task_data(TaskConfig(format="csv", train=str(train)))
+    train.write_text('text,label\n"unclosed,pos\n')
+    with pytest.raises(DataError, match=r"could not read .*train.csv as CSV: ParserError: .*EOF inside string"):
+        load_task_data(TaskConfig(format="csv", train=str(train)))
+
+
+def _topics_csv(path: Path) -> Path:
+    rows = ["text,label"] + [f"match report {i},sports" for i in range(400)]
+    rows += [f"vote count {i},politics" for i in range(300)]
+    rows += ["cup final,Sports", "derby day,Sports", "new phone,tech"]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_training_label_typos_are_warned(tmp_path):
+    from training.tasks.classification import ClassificationTask
+    from training.tasks.labels import label_table
+
+    cfg = TaskConfig(format="csv", train=str(_topics_csv(tmp_path / "topics.csv")), split_fractions=(0.0, 0.0))
+    cfg = cfg.model_copy(update={"dev": cfg.train, "test": cfg.train})
+    data = load_task_data(cfg)
+    task = ClassificationTask(cfg)
+    counts = task.label_counts(data.train)
+    assert counts == {"sports": 400, "politics": 300, "Sports": 2, "tech": 1}
+    warnings = task.label_warnings(counts)
+    assert len(warnings) == 3, warnings
+    assert "label 'tech' is seen only 1 time" in warnings[0] and "'sports', 400 times" in warnings[0]
+    assert "label 'Sports' is seen only 2 times" in warnings[1]
+    assert "labels 'Sports' (2) and 'sports' (400) differ only by case" in warnings[2]
+    table = label_table(counts, data.labels, task.label_unit, "topics.csv")
+    assert table.splitlines()[0] == "training labels (topics.csv): 4 labels over 703 examples"
+    assert any(line.split()[1:3] == ["sports", "400"] for line in table.splitlines()[1:])
+    # a small set where every label is seen a few times is not flagged, nor are balanced labels
+    assert task.label_warnings(Counter({"a": 3, "b": 2, "c": 1})) == []
+    assert task.label_warnings(Counter({"0": 500, "1": 480})) == []
+
+
+def test_bio_tag_typos_are_warned(tmp_path):
+    from training.tasks.token_classification import TokenClassificationTask
+
+    sentences = ["Paris B-LOC\nis O\nnice O\n"] * 120 + ["John B-PER\nSmith I-PER\nleft O\n"] * 60
+    sentences += ["Rome B-LCO\nwins O\n", "Acme I-ORG\nCorp I-ORG\n"]
+    (tmp_path / "train.conll").write_text("\n".join(sentences))
+    task = TokenClassificationTask(TaskConfig(kind="token_classification", format="conll"))
+    counts = task.label_counts(read_conll(tmp_path / "train.conll"))
+    assert counts["B-LCO"] == 1 and counts["O"] == 301 and task.label_unit == "words"
+    warnings = task.label_warnings(counts)
+    assert any(w.startswith("entity type 'LCO' is tagged on only 1 token (B-LCO 1;") for w in warnings), warnings
+    assert any(w.startswith("entity type 'ORG' is tagged on only 2 tokens") for w in warnings), warnings
+    assert any(w.startswith("I-ORG occurs 2 times but B-ORG never") for w in warnings), warnings
+    assert not any("'LOC'" in w or "'PER'" in w for w in warnings)
+    # the bundled WNUT-17 tags (rarest: I-corporation 46) and IOB1 wikigold (no B- tags) are clean
+    assert task.label_warnings(task.label_counts(read_conll(NER / "WNUT17/train/wnut17train.conll"))) == []
+    assert task.label_warnings(task.label_counts(read_conll(NER / "wikigold/wikigold.conll.txt"))) == []
+
+
+def test_fine_tuning_logs_the_label_set_and_its_warnings_once(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from training.engine import DistContext
+    from training.steps.task import TaskStep
+    from training.tasks.config import FinetuneConfig
+
+    train = str(_topics_csv(tmp_path / "topics.csv"))
+    cfg = FinetuneConfig(init_from=str(tmp_path), task=TaskConfig(format="csv", train=train, dev=train, test=train))
+    data = load_task_data(cfg.task)
+    with caplog.at_level(logging.INFO, logger="crucible.training.task"):
+        for rank in (0, 1):
+            TaskStep(cfg, DistContext(rank, 2, rank, torch.device("cpu")), data)
+    records = [r for r in caplog.records if r.name == "crucible.training.task"]
+    assert [r.levelname for r in records] == ["INFO", "WARNING"]  # rank 0 only, one block each
+    table, warnings = records[0].getMessage(), records[1].getMessage()
+    assert table.startswith(f"training labels ({train}): 4 labels over 703 examples")
+    assert len(table.splitlines()) == 5 and "politics" in table
+    assert warnings.startswith(f"training labels that may be typos ({train}):")
+    assert "'Sports' (2) and 'sports' (400) differ only by case" in warnings and "'tech'" in warnings
 
 
 def test_missing_file_is_an_error(tmp_path):

@@ -20,7 +20,7 @@ import torch
 from crucible.errors import UserError
 from crucible.provenance import provenance
 from model.heads import build_head
-from model.io import find_model_dir, load_model_dir
+from model.io import load_model_dir
 from model.task_io import save_task_dir
 from model.transformer import Transformer
 from training.callbacks.base import Callback
@@ -33,7 +33,8 @@ from training.tasks.base import row_outputs
 from training.tasks.batches import TaskBatches
 from training.tasks.config import FinetuneConfig
 from training.tasks.data import TaskData
-from training.tasks.features import feature_rows, featurize, load_tokenizer
+from training.tasks.features import feature_rows, featurize, find_init_model, load_tokenizer
+from training.tasks.labels import label_table
 from training.tasks.registry import task_kind
 
 log = logging.getLogger("crucible.training.task")
@@ -48,10 +49,24 @@ class TaskStep(StepModule):
         self.run_config = cfg
         self.seq_len = cfg.task.max_length
         self.last_dev: dict[str, float] = {}
+        if ctx.rank == 0:
+            self.log_training_labels()
+
+    def log_training_labels(self) -> None:
+        """The training label set with counts (one block), then every label that looks like a
+        typo (one warning block; see :mod:`training.tasks.labels`)."""
+        counts = self.task.label_counts(self.data.train)
+        if not counts:
+            return
+        source = self.data.sources["train"]
+        log.info("%s", label_table(counts, self.data.labels, self.task.label_unit, source))
+        warnings = self.task.label_warnings(counts)
+        if warnings:
+            log.warning("training labels that may be typos (%s):\n  %s", source, "\n  ".join(warnings))
 
     def prepare(self, plan: BatchPlan) -> TaskBatches:
         self.plan = plan
-        self.source_dir = self.tokenizer_dir = find_model_dir(self.cfg.init_from)
+        self.source_dir = self.tokenizer_dir = find_init_model(self.cfg.init_from)
         self.tokenizer = load_tokenizer(self.source_dir)
         self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         self.features = featurize(self.data, self.task, self.tokenizer)

@@ -12,6 +12,7 @@ Every split of a task has one schema per kind (see each kind's module docstring)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from typing import Any, ClassVar
 
 import datasets
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from training.tasks.config import TaskConfig
+from training.tasks.labels import label_warnings
 
 IGNORE = -100
 """Target of a position that carries no label (token classification)."""
@@ -29,18 +31,22 @@ class TaskKind(ABC):
 
     kind: ClassVar[str]
     """The ``task.kind`` value this class implements."""
+    prediction_formats: ClassVar[dict[str, str]] = {".jsonl": "jsonl"}
+    """Format of a ``predict`` input by its file suffix (labels optional in every format) ..."""
     prediction_format: ClassVar[str | None] = None
-    """Format of ``predict`` inputs that are not ``.txt``/``.jsonl`` (None: the recipe's
-    ``task.format``, whose files may then lack the label column)."""
+    """... and of any other suffix (None: the recipe's ``task.format``)."""
     plain_text: ClassVar[bool] = True
     """``predict`` reads a ``.txt`` file as one example per line (:meth:`text_lines`)."""
+    label_unit: ClassVar[str] = "examples"
+    """What one label count counts (the label table at the start of fine-tuning)."""
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
 
     # --------------------------------------------------------------------------- data
-    def view(self, ds: datasets.Dataset, source: str) -> datasets.Dataset:
-        """The kind's uniform schema from a CSV/TSV/JSON-lines table (default: as read)."""
+    def view(self, ds: datasets.Dataset, source: str, labelled: bool = True) -> datasets.Dataset:
+        """The kind's uniform schema from a CSV/TSV/JSON-lines table (default: as read);
+        ``labelled=False`` (examples to predict): the label columns may be missing."""
         return ds
 
     def label_map(self, train: datasets.Dataset) -> list[str]:
@@ -51,13 +57,31 @@ class TaskKind(ABC):
         """The label names a split uses (checked against the training label map)."""
         return set()
 
+    def label_counts(self, ds: datasets.Dataset) -> Counter[str]:
+        """How often each label occurs in a split (in :attr:`label_unit`; empty: no label set)."""
+        return Counter()
+
+    def label_warnings(self, counts: Counter[str]) -> list[str]:
+        """Training labels that look like typos (see :mod:`training.tasks.labels`)."""
+        return label_warnings(counts)
+
     def text_lines(self, lines: list[str]) -> datasets.Dataset:
         """Examples from plain text, one per line (``predict`` on a ``.txt`` file)."""
         raise NotImplementedError(f"{self.kind} does not read plain text")
 
     def unlabelled(self, batch: dict[str, list], labels: list[str], source: str) -> dict[str, list]:
-        """Fill the target columns of examples to predict, so :meth:`featurize` accepts them."""
+        """Fill the target columns of examples to predict with placeholders (any labels the
+        input has are ignored), so :meth:`featurize` accepts them."""
         return batch
+
+    def blank(self, example: dict[str, Any]) -> bool:
+        """Whether an example to predict has no input at all (a blank line): ``predict`` keeps
+        its place with :meth:`blank_record` instead of running the model on nothing."""
+        return False
+
+    def blank_record(self, example: dict[str, Any]) -> dict[str, Any]:
+        """The prediction record of a :meth:`blank` example."""
+        return {"prediction": None, "empty": True}
 
     # ----------------------------------------------------------------------- features
     @abstractmethod

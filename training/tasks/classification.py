@@ -7,7 +7,8 @@ pools the last non-pad token (the final EOS), like Hugging Face ``LlamaForSequen
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
@@ -77,10 +78,12 @@ def majority_rate(targets: np.ndarray) -> float:
 
 class ClassificationTask(TaskKind):
     kind = "classification"
+    prediction_formats: ClassVar[dict[str, str]] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 
-    def view(self, ds: datasets.Dataset, source: str) -> datasets.Dataset:
+    def view(self, ds: datasets.Dataset, source: str, labelled: bool = True) -> datasets.Dataset:
         cfg = self.cfg
-        needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+        texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+        needed = texts + ([cfg.label_column] if labelled else [])
         missing = [c for c in needed if c not in ds.column_names]
         if missing:
             raise DataError(
@@ -88,18 +91,18 @@ class ClassificationTask(TaskKind):
                 "(set task.text_column / task.label_column / task.text_pair_column, or task.columns "
                 "for a file without a header row)"
             )
+        placeholder: Any = {"regression": 0.0, "multi_label": []}.get(cfg.problem_type, "")
 
-        def convert(row: dict) -> dict:
-            label = row[cfg.label_column]
-            if cfg.problem_type == "regression":
-                value: Any = float(label)
-            elif cfg.problem_type == "multi_label":
-                value = sorted({x.strip() for x in str(label).split(cfg.label_separator) if x.strip()})
-            else:
-                value = str(label).strip()
-            out = {"text": str(row[cfg.text_column]).strip(), "label": value}
+        def text(value: Any) -> str:
+            return "" if value is None else str(value).strip()
+
+        def convert(row: dict, index: int) -> dict:
+            value: Any = placeholder
+            if labelled:  # examples to predict: a label column is ignored
+                value = self._label_value(row[cfg.label_column], f"{source}: example {index + 1}")
+            out = {"text": text(row[cfg.text_column]), "label": value}
             if cfg.text_pair_column:
-                out["text_pair"] = str(row[cfg.text_pair_column]).strip()
+                out["text_pair"] = text(row[cfg.text_pair_column])
             return out
 
         label_type = {"regression": datasets.Value("float64"),
@@ -108,7 +111,25 @@ class ClassificationTask(TaskKind):
         features = {"text": datasets.Value("string"), "label": label_type}
         if cfg.text_pair_column:
             features["text_pair"] = datasets.Value("string")
-        return ds.map(convert, remove_columns=ds.column_names, features=datasets.Features(features))
+        return ds.map(convert, with_indices=True, remove_columns=ds.column_names,
+                      features=datasets.Features(features))
+
+    def _label_value(self, label: Any, where: str) -> Any:
+        """The label of a training/dev/test row in the schema's type; an empty one is an error
+        (it would become a class, or a regression target, of its own)."""
+        cfg = self.cfg
+        if cfg.problem_type == "multi_label":  # an empty cell: no label applies
+            return sorted({x.strip() for x in str(label or "").split(cfg.label_separator) if x.strip()})
+        if label is None or not str(label).strip():
+            raise DataError(f"{where} has an empty {cfg.label_column!r}; give every training, dev and test "
+                            "example a label (or predict unlabelled examples with launcher/predict.py)")
+        if cfg.problem_type == "regression":
+            try:
+                return float(label)
+            except ValueError:
+                raise DataError(f"{where}: {cfg.label_column!r} is {label!r}, not a number "
+                                "(task.problem_type=regression)") from None
+        return str(label).strip()
 
     def label_map(self, train: datasets.Dataset) -> list[str]:
         if self.cfg.problem_type == "regression":
@@ -122,15 +143,27 @@ class ClassificationTask(TaskKind):
             return {label for row in ds["label"] for label in row}
         return set(ds["label"])
 
+    def label_counts(self, ds: datasets.Dataset) -> Counter[str]:
+        if self.cfg.problem_type == "regression":
+            return Counter()
+        if self.cfg.problem_type == "multi_label":
+            return Counter(label for row in ds["label"] for label in row)
+        return Counter(ds["label"])
+
     def text_lines(self, lines: list[str]) -> datasets.Dataset:
         return datasets.Dataset.from_dict({"text": lines})
 
     def unlabelled(self, batch: dict[str, list], labels: list[str], source: str) -> dict[str, list]:
         if self.cfg.text_pair_column and "text_pair" not in batch:
-            raise DataError(f"{source}: the model classifies text pairs; give a text_pair column")
-        if "label" not in batch:
-            batch = {**batch, "label": [labels[0] if labels else 0.0] * len(batch["text"])}
-        return batch
+            raise DataError(f"{source}: the model classifies text pairs; give a {self.cfg.text_pair_column} column")
+        placeholder: Any = {"regression": 0.0, "multi_label": []}.get(self.cfg.problem_type, labels[0] if labels else "")
+        return {**batch, "label": [placeholder] * len(batch["text"])}
+
+    def blank(self, example: dict[str, Any]) -> bool:
+        return not example["text"].strip() and not (example.get("text_pair") or "").strip()
+
+    def blank_record(self, example: dict[str, Any]) -> dict[str, Any]:
+        return {"text": example["text"], "prediction": None, "empty": True}
 
     def featurize(self, batch: dict[str, list], tokenizer: Any, labels: list[str],
                   eos_id: int) -> dict[str, list]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,9 @@ def read_conll(path: Path, token_col: int = 0, tag_col: int = -1) -> datasets.Da
             tags.append(cols[tag_col].strip())
     if tokens:
         sentences.append({"tokens": tokens, "tags": tags})
+    if not sentences:
+        raise DataError(f"{path} holds no sentences: a CoNLL file has one word and its tag per line, "
+                        "and a blank line between sentences")
     return datasets.Dataset.from_list(sentences, features=datasets.Features(
         {"tokens": datasets.Sequence(datasets.Value("string")),
          "tags": datasets.Sequence(datasets.Value("string"))}))
@@ -91,15 +95,70 @@ def read_squad(path: Path) -> datasets.Dataset:
                     "answers": {"text": [a["text"] for a in answers],
                                 "answer_start": [int(a["answer_start"]) for a in answers]},
                 })
+    if not rows:
+        raise DataError(f"{path} holds no questions: SQuAD JSON is {{\"data\": [{{\"paragraphs\": "
+                        "[{\"context\": ..., \"qas\": [...]}]}]}")
     return datasets.Dataset.from_list(rows)
 
 
-def _read_table(path: Path, cfg: TaskConfig) -> datasets.Dataset:
+def _has_content(path: Path) -> bool:
+    """Whether the file holds anything but whitespace (reads only up to the first such byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _cause(exc: BaseException) -> str:
+    """The first cause under ``datasets``' generic wrapper ("An error occurred while generating
+    the dataset"), which names nothing."""
+    from datasets.exceptions import DatasetGenerationError
+
+    seen: BaseException | None = exc
+    while isinstance(seen, DatasetGenerationError):
+        seen = seen.__cause__ or seen.__context__
+    seen = seen or exc
+    return f"{type(seen).__name__}: {seen}".splitlines()[0]
+
+
+def _check_first_row_width(path: Path, cfg: TaskConfig) -> None:
+    """pandas silently turns the leading fields of a first row wider than the header into an
+    index (``good, fun film,pos`` under ``text,label`` reads as text " fun film"); later wide
+    rows are parse errors anyway."""
+    delimiter = "\t" if cfg.format == "tsv" else ","
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if cfg.format == "tsv" else csv.QUOTE_MINIMAL)
+        rows = [row for row in itertools.islice(reader, 50) if row][:2]
+    width = len(cfg.columns) if cfg.columns else len(rows[0]) if rows else 0
+    first = rows[0] if cfg.columns and not cfg.skip_header_row else rows[1] if len(rows) > 1 else None
+    if first is not None and len(first) > width:
+        quote = "quote the text (\"...\")" if cfg.format == "csv" else "remove the tab from the text"
+        raise DataError(f"{path}: the first example has {len(first)} fields but "
+                        f"{'task.columns has' if cfg.columns else 'the header row has'} {width}: a "
+                        f"{'comma' if cfg.format == 'csv' else 'tab'} inside a field? {quote}")
+
+
+def read_table(path: Path, cfg: TaskConfig, keep_blank_lines: bool = False) -> datasets.Dataset:
+    """A CSV/TSV/JSON-lines file as ``datasets`` reads it (columns as in the file, or
+    ``cfg.columns``); an empty file, or one with a header row only, is a :class:`DataError`.
+    ``keep_blank_lines``: a blank line of a CSV/TSV file is a row of empty cells (examples to
+    predict keep their places) instead of being skipped."""
+    what = {"csv": "CSV", "tsv": "TSV", "jsonl": "JSON lines"}.get(cfg.format, cfg.format)
+    layout = ("a header row (or task.columns) and one example per row" if cfg.format in ("tsv", "csv")
+              else "one JSON object per line")
+    if not _has_content(path):
+        size = path.stat().st_size
+        raise DataError(f"{path} is empty ({'0 bytes' if size == 0 else 'only blank lines'}): a {what} "
+                        f"file of task examples needs {layout}")
     kwargs: dict[str, Any] = {}
     if cfg.format in ("tsv", "csv"):
+        _check_first_row_width(path, cfg)
         kwargs = {"delimiter": "\t" if cfg.format == "tsv" else ",", "keep_default_na": False}
         if cfg.format == "tsv":
             kwargs["quoting"] = csv.QUOTE_NONE
+        if keep_blank_lines:
+            kwargs["skip_blank_lines"] = False
         if cfg.columns:
             kwargs["column_names"] = cfg.columns
             if cfg.skip_header_row:
@@ -110,9 +169,12 @@ def _read_table(path: Path, cfg: TaskConfig) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
     except Exception as exc:  # datasets raises many kinds for malformed files
-        if "corresponds to no data" in str(exc):
-            raise DataError(f"{path} has no data rows: the split is empty") from None
-        raise DataError(f"could not read {path} as {cfg.format}: {exc}") from None
+        if "corresponds to no data" not in str(exc):
+            raise DataError(f"could not read {path} as {what}: {_cause(exc)}") from None
+        ds = None
+    if ds is None or len(ds) == 0:
+        found = "a header row but no examples" if builder == "csv" else "no examples"
+        raise DataError(f"{path} has {found}: a {what} file of task examples needs {layout}")
     return ds
 
 
@@ -122,7 +184,7 @@ def read_split(path: Path, cfg: TaskConfig) -> datasets.Dataset:
         return read_conll(path, cfg.conll_token_column, cfg.conll_tag_column)
     if cfg.format == "squad":
         return read_squad(path)
-    return task_kind(cfg).view(_read_table(path, cfg), str(path))
+    return task_kind(cfg).view(read_table(path, cfg), str(path))
 
 
 def _bucket(example: dict) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crucible.errors import DataError
 from training.tasks.base import TaskKind
 
 
@@ -172,6 +173,27 @@ class QuestionAnsweringTask(TaskKind):
     kind = "qa"
     prediction_format = "squad"
     plain_text = False
+
+    def view(self, ds: datasets.Dataset, source: str, labelled: bool = True) -> datasets.Dataset:
+        needed = ["context", "question"] + (["id", "answers"] if labelled else [])
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise DataError(f"{source}: field(s) {missing} not found (the records have {ds.column_names}); "
+                            "QA JSON lines hold 'id', 'context', 'question' and 'answers' "
+                            "({'text': [...], 'answer_start': [...]}; not needed to predict)")
+        if "id" not in ds.column_names:  # examples to predict: their position is their id
+            return ds.add_column("id", [str(i) for i in range(len(ds))])
+        return ds if ds.features["id"] == datasets.Value("string") else ds.cast_column("id", datasets.Value("string"))
+
+    def unlabelled(self, batch: dict[str, list], labels: list[str], source: str) -> dict[str, list]:
+        return {**batch, "answers": [{"text": [], "answer_start": []}] * len(batch["context"])}
+
+    def blank(self, example: dict[str, Any]) -> bool:
+        return not (example["context"] or "").strip() or not (example["question"] or "").strip()
+
+    def blank_record(self, example: dict[str, Any]) -> dict[str, Any]:
+        return {"id": str(example["id"]), "question": example["question"] or "", "prediction": None,
+                "empty": True}
 
     def featurize(self, batch: dict[str, list], tokenizer: Any, labels: list[str],
                   eos_id: int) -> dict[str, list]:

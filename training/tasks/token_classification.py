@@ -9,6 +9,7 @@ back to words through the same first sub-word; words cut off by ``max_length`` a
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import datasets
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crucible.errors import DataError
 from training.tasks.base import IGNORE, TaskKind
+from training.tasks.labels import bio_warnings
 
 
 def word_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -92,6 +95,15 @@ def compute_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict[str, f
 class TokenClassificationTask(TaskKind):
     kind = "token_classification"
     prediction_format = "conll"
+    label_unit = "words"
+
+    def view(self, ds: datasets.Dataset, source: str, labelled: bool = True) -> datasets.Dataset:
+        missing = [c for c in ("tokens", "tags")[: 2 if labelled else 1] if c not in ds.column_names]
+        if missing:
+            raise DataError(f"{source}: field(s) {missing} not found (the records have {ds.column_names}); "
+                            "token classification JSON lines hold a 'tokens' list (and a 'tags' list "
+                            "of one tag per token)")
+        return ds
 
     def label_map(self, train: datasets.Dataset) -> list[str]:
         tags = {t for row in train["tags"] for t in row}
@@ -101,13 +113,24 @@ class TokenClassificationTask(TaskKind):
     def labels_in(self, ds: datasets.Dataset) -> set[str]:
         return {t for row in ds["tags"] for t in row}
 
+    def label_counts(self, ds: datasets.Dataset) -> Counter[str]:
+        return Counter(t for row in ds["tags"] for t in row)
+
+    def label_warnings(self, counts: Counter[str]) -> list[str]:
+        return bio_warnings(counts)
+
     def text_lines(self, lines: list[str]) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({"tokens": [line.split() for line in lines]})
+        return datasets.Dataset.from_dict({"tokens": [line.split() for line in lines]},
+                                          features=datasets.Features({"tokens": datasets.Sequence(datasets.Value("string"))}))
 
     def unlabelled(self, batch: dict[str, list], labels: list[str], source: str) -> dict[str, list]:
-        tags = batch["tags"] if "tags" in batch else [["O"] * len(t) for t in batch["tokens"]]
-        known = set(labels)
-        return {**batch, "tags": [[t if t in known else labels[0] for t in row] for row in tags]}
+        return {**batch, "tags": [[labels[0]] * len(t) for t in batch["tokens"]]}
+
+    def blank(self, example: dict[str, Any]) -> bool:
+        return not example["tokens"]
+
+    def blank_record(self, example: dict[str, Any]) -> dict[str, Any]:
+        return {"tokens": [], "prediction": None, "empty": True}
 
     def featurize(self, batch: dict[str, list], tokenizer: Any, labels: list[str],
                   eos_id: int) -> dict[str, list]:
