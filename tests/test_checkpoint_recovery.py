@@ -191,6 +191,28 @@ def test_pruning_removes_damaged_markers_older_than_the_newest_complete(tmp_path
     assert [p.name for p in removed] == ["step_00000003"]
 
 
+def test_a_damaged_universal_checkpoint_is_converted_again(tmp_path, monkeypatch, caplog):
+    from deepspeed.checkpoint import ds_to_universal
+
+    calls = []
+
+    def convert(args):  # stands in for DeepSpeed's conversion: one file per call
+        calls.append(args.input_folder)
+        (Path(args.output_folder) / "zero").mkdir(parents=True)
+        torch.save({"call": len(calls)}, Path(args.output_folder) / "zero" / "param.pt")
+
+    monkeypatch.setattr(ds_to_universal, "main", convert)
+    path = make_checkpoint(tmp_path, 6)
+    out = ckpt.convert_to_universal(path)
+    assert ckpt.convert_to_universal(path) == out and len(calls) == 1  # whole: reused
+    (out / "zero" / "param.pt").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        ckpt.convert_to_universal(path)
+    assert len(calls) == 2 and "param.pt has 0 bytes" in caplog.text
+    assert torch.load(out / "zero" / "param.pt", weights_only=True) == {"call": 2}
+    assert ckpt.checkpoint_problem(path) is None  # universal/ is not part of the saved files
+
+
 def _plan(rank: int, world_size: int, run_dir: str, resumes: list[str]) -> list[object]:
     """plan_resume on this rank for each ``checkpoint.resume``: (step, universal) or the error."""
     from training.engine import DistContext

@@ -261,10 +261,24 @@ def test_moved_run_directory_exports_its_own_model(token_manifest, reference_run
     assert not torch.equal(new["embed.weight"], own["embed.weight"])
 
 
+def _failed_launch_errors(run_dir: Path, manifest: Path) -> list[str]:
+    """The error lines of a launch that must fail, after checking it failed without a traceback
+    and without blaming a collective (rank output of this launch only)."""
+    shutil.rmtree(run_dir.parent / f"{run_dir.name}-launch-logs", ignore_errors=True)
+    result = launch(run_dir, manifest)
+    output = result.stdout + "".join(result.rank_logs.values())
+    assert result.returncode != 0
+    assert "Traceback" not in output and "collective operation failed" not in output, output[-3000:]
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
 def test_resume_skips_damaged_and_incomplete_checkpoints(token_manifest, reference_run, tmp_path):
     """Step 12's COMPLETE.json truncated and step 9 without rank 1's optimizer file: both ranks
     skip them with a warning naming the file, resume from step 6 and continue bit for bit as the
-    uninterrupted run. With step 6 damaged too nothing is usable: one line, no traceback."""
+    uninterrupted run. With step 6 damaged too nothing is usable: one line, no traceback. A file
+    only DeepSpeed's load finds wrong stops the run with one line naming it."""
+    import torch
+
     run = tmp_path / "damaged"
     shutil.copytree(reference_run, run)
     root = run / "checkpoints"
@@ -276,15 +290,29 @@ def test_resume_skips_damaged_and_incomplete_checkpoints(token_manifest, referen
     saved_state6 = state6.read_bytes()
     state6.write_bytes(b"")
 
-    stopped = launch(run, token_manifest)
-    output = stopped.stdout + "".join(stopped.rank_logs.values())
-    assert stopped.returncode != 0
-    assert "Traceback" not in output and "collective operation failed" not in output, output[-3000:]
-    errors = [line for line in output.splitlines() if line.startswith("error: no usable checkpoint to resume")]
-    assert len(errors) == 2, output[-3000:]  # the same line on both ranks
+    errors = _failed_launch_errors(run, token_manifest)
+    assert len(errors) == 2 and errors[0] == errors[1], errors  # the same line on both ranks
+    assert errors[0].startswith("error: no usable checkpoint to resume")
     assert all(str(path) in errors[0] for path in (marker12, optim9, state6))
-
     state6.write_bytes(saved_state6)
+
+    # rank 1's file of step 6 replaced by a whole archive of something else, listed with its new
+    # size: every check passes, DeepSpeed's load on rank 1 fails
+    optim6 = next((root / "step_00000006").glob("zero_pp_rank_1_*optim_states.pt"))
+    marker6 = root / "step_00000006" / "COMPLETE.json"
+    saved_optim6, saved_marker6 = optim6.read_bytes(), marker6.read_bytes()
+    torch.save({"not": torch.zeros(3)}, optim6)
+    marker = json.loads(saved_marker6)
+    marker["files"][optim6.name] = optim6.stat().st_size
+    marker6.write_text(json.dumps(marker))
+    errors = _failed_launch_errors(run, token_manifest)
+    assert any(line.startswith(f"error: cannot resume from {optim6.parent}: loading {optim6} failed")
+               for line in errors), errors
+    # rank 0 says so too, unless the launcher stopped it first when rank 1 exited
+    assert all("loading" in line or "another rank could not load checkpoint" in line for line in errors)
+    optim6.write_bytes(saved_optim6)
+    marker6.write_bytes(saved_marker6)
+
     kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 6]
     (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))  # later steps must be new
     logged_before = len(rank_log(run, 0))
