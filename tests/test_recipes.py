@@ -102,7 +102,7 @@ def test_pretrain_recipe_runs_as_written(name, manifest, tmp_path):
     assert f"optimizer {wanted}" in log, log[-2000:]
     latest = json.loads((run / "latest.json").read_text())
     assert latest["step"] == STEPS
-    model, _ = load_model_dir(latest["model_dir"])  # written from bf16 and ZeRO-3 shards too
+    model, _ = load_model_dir(run / latest["model_dir"])  # written from bf16 and ZeRO-3 shards too
     assert all(p.isfinite().all() for p in model.parameters())
 
 

@@ -109,7 +109,9 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, gt=0)
     """Keep the newest K complete checkpoints."""
     resume: Literal["auto", "never"] | str = "auto"
-    """auto: newest complete checkpoint in the run directory; never: start fresh; or a checkpoint path."""
+    """auto: newest usable checkpoint in the run directory (damaged ones are skipped with a
+    warning); never: start fresh; or one checkpoint of this run (its path or ``step_NNNNNNNN``),
+    which must be whole. DeepSpeed's files are pickles, so no other directory's are loaded."""
     write_model_dir: bool = True
     """Write a model directory (safetensors + config + tokenizer) beside each kept checkpoint."""
 

@@ -17,13 +17,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from crucible.config import Section, config_to_dict
+from crucible.config import Section, config_to_dict, describe_value
 from crucible.errors import UserError
 from crucible.provenance import write_provenance
 from crucible.runtime import setup_logging
@@ -34,7 +35,13 @@ from training.callbacks.base import Callback
 from training.callbacks.faults import FaultInjection
 from training.callbacks.metrics import MetricsLogger
 from training.callbacks.spikes import LossSpikeLogger
-from training.collectives import barrier, broadcast_object, sum_over_ranks, true_on_every_rank
+from training.collectives import (
+    barrier,
+    broadcast_object,
+    gather_objects,
+    sum_over_ranks,
+    true_on_every_rank,
+)
 from training.deepspeed_config import (
     build_deepspeed_config,
     check_device_support,
@@ -61,6 +68,9 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_steps: int = 0
+    skipped_samples: int = 0
+    """Training samples replaced because their shard was unusable (``data.on_corrupt_shard=skip``),
+    summed over ranks, over the whole run (``data/skipped_samples``)."""
 
 
 def write_run_files(run_dir: Path, cfg: Section, ds_config: dict[str, Any], tok_dir: Path | None) -> None:
@@ -73,12 +83,35 @@ def write_run_files(run_dir: Path, cfg: Section, ds_config: dict[str, Any], tok_
 
 
 def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None, bool]:
-    """Rank 0 picks the checkpoint (broadcast so every rank agrees) and whether it must go
-    through DeepSpeed's universal format (saved on another number of ranks, ZeRO 1-3)."""
-    info = None
+    """The checkpoint to resume, the same on every rank, and whether it must go through
+    DeepSpeed's universal format (saved on another number of ranks, ZeRO 1-3).
+
+    Nothing is loaded before every rank agrees the checkpoint is whole: rank 0 lists the
+    candidates and checks each (marker, JSON files, file sizes: :func:`training.checkpoint.
+    checkpoint_problem`), the ranks share the CRC check of its torch files, and the newest one
+    no rank found a problem with is used; a damaged one is skipped with a warning naming the
+    file (:func:`training.checkpoint.select_checkpoint`). Errors reach every rank as the same
+    one-line :class:`UserError`, never as a failed collective on the others.
+    """
+    resume = cfg.checkpoint.resume
+    candidates, error = None, None
     if ctx.rank == 0:
-        info = ckpt.find_resume_checkpoint(cfg.run_dir, cfg.checkpoint.resume)
-    info = broadcast_object(info)
+        try:
+            candidates = ckpt.resume_candidates(cfg.run_dir, resume)
+        except UserError as exc:
+            error = str(exc)
+    candidates, error = broadcast_object((candidates, error))
+    if error:
+        raise UserError(error)
+
+    def check(path: Path) -> str | None:
+        problem = broadcast_object(ckpt.checkpoint_problem(path) if ctx.rank == 0 else None)
+        if problem is None:
+            found = gather_objects(ckpt.torch_files_problem(path, ctx.rank, ctx.world_size), ctx.world_size)
+            problem = next((p for p in found if p), None)
+        return problem
+
+    info = ckpt.select_checkpoint(candidates, resume not in ("auto", "never"), check, warn=ctx.rank == 0)
     if info is None:
         return None, False
     saved_world = info.marker.get("world_size", ctx.world_size)
@@ -88,12 +121,44 @@ def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None,
             f"checkpoint {info.path} was saved with ZeRO stage {info.marker.get('zero_stage')} on "
             f"{saved_world} ranks; resuming on {ctx.world_size} ranks needs train.zero_stage >= 1"
         )
-    if universal and ctx.rank == 0:
-        log.info("checkpoint %s was saved on %d ranks, resuming on %d: converting to a universal "
-                 "checkpoint", info.tag, saved_world, ctx.world_size)
-        ckpt.convert_to_universal(info.path)
+    if universal:
+        failed: str | None = None
+        if ctx.rank == 0:
+            log.info("checkpoint %s was saved on %d ranks, resuming on %d: converting to a universal "
+                     "checkpoint", info.tag, saved_world, ctx.world_size)
+            try:
+                ckpt.convert_to_universal(info.path)
+            except Exception as exc:
+                broadcast_object(f"{type(exc).__name__}: {exc}")
+                raise  # not a damaged file (those were checked): a bug, with its traceback here
+        failed = broadcast_object(failed)
+        if failed:
+            raise UserError(f"rank 0 could not convert checkpoint {info.path} to a universal "
+                            f"checkpoint ({failed}); its log has the details")
     barrier()
     return info, universal
+
+
+@contextmanager
+def _recording_loads(engine: Any) -> Iterator[list[str]]:
+    """The files DeepSpeed's checkpoint engine opens meanwhile, in order, so that a load that
+    fails inside DeepSpeed can name its file (DeepSpeed's errors do not)."""
+    opened: list[str] = []
+    io = getattr(engine, "checkpoint_engine", None)
+    if io is None:
+        yield opened
+        return
+    original = io.load
+
+    def load(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(path))
+        return original(path, *args, **kwargs)
+
+    io.load = load
+    try:
+        yield opened
+    finally:
+        io.load = original
 
 
 class Trainer:
@@ -112,10 +177,10 @@ class Trainer:
         self.schedule = schedule or ConfiguredSchedule(cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
         if schedule is None and cfg.schedule.warmup_steps >= cfg.train.max_steps:
             log.warning(
-                "schedule.warmup_steps (%d) >= train.max_steps (%d): the whole run is warm-up and "
-                "the learning rate ends at %.3g of optim.lr=%g (a shortened run; set "
-                "schedule.warmup_steps below train.max_steps for the recipe's schedule)",
-                cfg.schedule.warmup_steps, cfg.train.max_steps,
+                "%s >= %s: the whole run is warm-up and the learning rate ends at %.3g of "
+                "optim.lr=%g (fine for a smoke test; for the recipe's schedule set "
+                "schedule.warmup_steps below train.max_steps)",
+                describe_value(cfg, "schedule.warmup_steps"), describe_value(cfg, "train.max_steps"),
                 self.schedule(cfg.train.max_steps - 1) / cfg.optim.lr, cfg.optim.lr)
         self.checkpoints, self.evaluations = checkpoints, evaluate
         self.preempt = PreemptionFlag().install()
@@ -132,6 +197,7 @@ class Trainer:
             write_run_files(self.run_dir, step_module.run_config, self.ds_config, step_module.tokenizer_dir)
         self.engine, self.optimizer = step_module.build_engine(self.ds_config)
         self.state = TrainState()
+        self._data_skipped_seen = 0  # this process's loader count already in state.skipped_samples
         if self.resume_from is not None:
             self._restore(self.resume_from, universal)
         self.flops_per_token = flops_per_token(step_module.model_cfg, step_module.seq_len)
@@ -158,13 +224,37 @@ class Trainer:
             load_dir, tag = info.path, ckpt.UNIVERSAL
         else:
             load_dir, tag = info.path.parent, info.tag
-        load_path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+        advice = (f"move {info.path} out of {info.path.parent} (the resume then takes the previous "
+                  "checkpoint) or set checkpoint.resume to an older one")
+        try:
+            with _recording_loads(self.engine) as opened:
+                load_path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+        except Exception as exc:  # noqa: BLE001 - becomes one line naming the file
+            if is_collective_failure(exc):
+                raise UserError(f"another rank could not load checkpoint {info.path} (its log names "
+                                f"the file); {advice}") from None
+            # a file the checks before loading could not judge (bytes that pass the CRCs, a
+            # pickle of another version); the others learn of it when this rank exits, as a
+            # failed collective in the load or in the agreement below (a fallback is not safe:
+            # they may be inside one of DeepSpeed's collectives)
+            where = opened[-1] if opened else str(info.path)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise UserError(f"cannot resume from {info.path}: loading {where} failed "
+                            f"({type(exc).__name__}: {first}); {advice}") from None
         if load_path is None:
-            raise UserError(f"DeepSpeed could not load checkpoint {info.path}; remove it or set checkpoint.resume=never")
+            raise UserError(f"DeepSpeed found no checkpoint to load in {info.path}; {advice}")
+        try:
+            true_on_every_rank(torch.ones((), device=self.ctx.device))  # every rank has loaded
+        except RuntimeError as exc:
+            if not is_collective_failure(exc):
+                raise
+            raise UserError(f"another rank could not load checkpoint {info.path} (its log names "
+                            f"the file); {advice}") from None
         saved = ckpt.read_trainer_state(info.path)
         self.state = TrainState(step=saved["step"], consumed_samples=saved["consumed_samples"],
                                 consumed_tokens=saved["consumed_tokens"],
-                                skipped_steps=saved.get("skipped_steps", 0))
+                                skipped_steps=saved.get("skipped_steps", 0),
+                                skipped_samples=saved.get("skipped_samples", 0))
         self.data.load_state_dict(saved["loader"])
         self.bad_steps.total_skipped = self.state.skipped_steps
         if hasattr(self.optimizer, "skipped_steps"):
@@ -184,6 +274,7 @@ class Trainer:
             "consumed_samples": self.state.consumed_samples,
             "consumed_tokens": self.state.consumed_tokens,
             "skipped_steps": self.state.skipped_steps,
+            "skipped_samples": self.state.skipped_samples,
             "loader": self.data.state_dict(),
             "world_size": self.ctx.world_size,
             "zero_stage": self.cfg.train.zero_stage,
@@ -245,14 +336,19 @@ class Trainer:
         out = self.step_module.train_step(batch, step)
         device = self.ctx.device
         # one collective and one host sync per step: the step's sums over ranks with the
-        # preemption flag, read together with the (already global) gradient norm
-        local = [out.loss_sum, out.loss_count, out.tokens, float(self.preempt.is_set)]
+        # preemption flag and the samples the loader replaced (corrupt shards), read together
+        # with the (already global) gradient norm
+        loader_skipped = int(getattr(self.data, "skipped_samples", 0))  # this process, so far
+        local = [out.loss_sum, out.loss_count, out.tokens, float(self.preempt.is_set),
+                 float(loader_skipped - self._data_skipped_seen)]
+        self._data_skipped_seen = loader_skipped
         stats = sum_over_ranks(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
                                             for v in local]), device)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm,
                                     dtype=torch.float64, device=device)
-        loss_sum, loss_count, tokens, stop, grad_norm = torch.cat([stats, grad_norm.reshape(1)]).tolist()
+        loss_sum, loss_count, tokens, stop, data_skipped, grad_norm = \
+            torch.cat([stats, grad_norm.reshape(1)]).tolist()
         step_time = time.perf_counter() - start
         mean_loss = loss_sum / max(loss_count, 1.0)
         tokens = int(tokens)
@@ -268,6 +364,7 @@ class Trainer:
         self.state.skipped_steps = self.bad_steps.total_skipped
         self.state.consumed_samples += self.plan.global_batch_size
         self.state.consumed_tokens += tokens
+        self.state.skipped_samples += int(data_skipped)
         tokens_per_second = tokens / step_time
         utilisation = mfu(tokens_per_second, self.flops_per_token, self.peak_tflops, self.ctx.world_size)
         metrics = {
@@ -277,6 +374,8 @@ class Trainer:
             "train/data_wait_fraction": data_wait / step_time, "train/step_time": step_time,
             "train/memory_gb": peak_memory_gb(self.ctx.device),
             "train/skipped_steps": float(self.state.skipped_steps),
+            **({"data/skipped_samples": float(self.state.skipped_samples)}
+               if hasattr(self.data, "skipped_samples") else {}),  # loaders that can skip
             **out.extra,
         }
         return metrics, stop > 0
@@ -321,8 +420,17 @@ class Trainer:
         if self.checkpoints and saved_at != self.state.step:
             self.save()
         self._fire("at_end")
-        log.info("finished at step %d (%d tokens); run directory %s", self.state.step,
-                 self.state.consumed_tokens, self.run_dir)
+        skipped = self.state.skipped_samples
+        if skipped:
+            log.warning("%d of %d training samples (%.2f%%) came from corrupt token shards and were "
+                        "replaced by other rows of their batch (data.on_corrupt_shard=skip); the "
+                        "rank logs name the shards; check them with launcher/shard.py --verify",
+                        skipped, self.state.consumed_samples,
+                        100 * skipped / max(self.state.consumed_samples, 1))
+        replaced = (f", {skipped} samples replaced from corrupt shards"
+                    if hasattr(self.data, "skipped_samples") else "")
+        log.info("finished at step %d (%d tokens%s); run directory %s", self.state.step,
+                 self.state.consumed_tokens, replaced, self.run_dir)
         return 0
 
 
