@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"no stage output in {', '.join(args.dirs)}: pass the output folders of clean, "
                         "build_tokenizer, shard, prepare_data, pretrain or finetune")
     out = Path(args.out) if args.out else default_out(args.dirs)
+    if out.suffix.lower() != ".md":
+        raise DataError(f"--out {out} is not a Markdown path: --out names the report (e.g. "
+                        f"{out.with_suffix('.md')}); its PNGs, the data funnel among them "
+                        "(funnel.png), are written beside it")
     report = write_report(args.dirs, out, tensorboard=args.tensorboard)
     for kind, path in found.stages:
         print(f"{kind:9s} {path}")

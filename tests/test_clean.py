@@ -193,10 +193,15 @@ def test_killed_run_resumes_without_redoing_finished_inputs(tmp_path, reference,
 
 def test_launcher_and_report(reference, tmp_path):
     out, _ = reference
-    proc = subprocess.run([sys.executable, str(ROOT / "launcher/report.py"), str(out), "--out",
-                           str(tmp_path / "f.png")], capture_output=True, text=True, timeout=120)
+    report = [sys.executable, str(ROOT / "launcher/report.py"), str(out), "--out"]
+    proc = subprocess.run([*report, str(tmp_path / "r.md")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and "TOTAL" in proc.stdout
+    assert (tmp_path / "funnel.png").read_bytes()[:4] == b"\x89PNG" and "TOTAL" in proc.stdout
+    assert "![data funnel](funnel.png)" in (tmp_path / "r.md").read_text()
+    # --out was the funnel PNG's path before the report: refused with the fix, nothing written
+    proc = subprocess.run([*report, str(tmp_path / "f.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "r.md" not in proc.stderr and "f.md" in proc.stderr, proc.stderr
+    assert not (tmp_path / "f.png").exists() and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, str(ROOT / "launcher/clean.py"), f"input={tmp_path}/none",
                            f"output={tmp_path}/o"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no input files" in proc.stderr and "Traceback" not in proc.stderr
