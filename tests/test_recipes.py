@@ -63,6 +63,8 @@ def shrink_pretrain(cfg: dict, manifest: Path, run_dir: Path) -> list[str]:
            "train.eval_every=2", "train.eval_batches=2", "checkpoint.every=2", "log.every=1"]
     if cfg["train"].get("global_batch_size"):
         out.append(f"train.global_batch_size={micro * 2 * 2}")  # 2 accumulated micro batches x 2 ranks
+    if cfg["train"].get("zero", {}).get("zero_hpz_partition_size", 1) > 2:
+        out.append("train.zero.zero_hpz_partition_size=2")  # hpZ groups of both ranks instead of a node's 8 GPUs
     return out
 
 
@@ -97,6 +99,9 @@ def test_pretrain_recipe_runs_as_written(name, manifest, tmp_path):
             assert resolved[section][key] == cfg[section][key], f"{section}.{key}"
     ds = json.loads((run / "deepspeed_config.json").read_text())
     assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == cfg["train"]["zero_stage"]
+    for key, value in cfg["train"].get("zero", {}).items():
+        got = ds.get(key) if key == "communication_data_type" else ds["zero_optimization"][key]
+        assert got == (2 if key == "zero_hpz_partition_size" else value), f"train.zero.{key}"
     log = (run / "logs" / "rank0.log").read_text()
     wanted = "DeepSpeedCPUAdam" if cfg.get("optim", {}).get("implementation") == "deepspeed" else "SkippingAdamW"
     assert f"optimizer {wanted}" in log, log[-2000:]

@@ -2,6 +2,7 @@
 batch check, LR schedules, weight-decay groups, the skipping optimizer, checkpoint markers /
 keep-last / resume selection, RNG round trip, fault policies, metrics helpers."""
 
+import itertools
 import json
 import math
 import random
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from crucible.config import load_config
 from crucible.errors import ConfigError, UserError
@@ -126,7 +128,7 @@ def test_warmup_then_cosine_reaches_min_lr():
     mid = lr_at(10 + 89 // 2, 1.0, s, 100)
     assert 0.5 < mid < 0.6
     values = [lr_at(i, 1.0, s, 100) for i in range(10, 100)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_linear_constant_and_wsd():
@@ -528,3 +530,103 @@ def test_each_rank_takes_its_gpu_modulo_the_visible_ones(monkeypatch):
     assert chosen == [0, 3]
     assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
     assert process_group_backend(torch.device("cpu")) == "gloo"
+
+
+# ------------------------------------------------------------------ ZeRO settings and AdamW
+
+ZERO_SETTINGS = {"reduce_bucket_size": 123, "allgather_bucket_size": 456, "overlap_comm": False,
+                 "contiguous_gradients": False, "stage3_prefetch_bucket_size": 789,
+                 "stage3_max_live_parameters": 1011, "stage3_max_reuse_distance": 1213,
+                 "stage3_param_persistence_threshold": 1415, "zero_hpz_partition_size": 2}
+ZERO_STAGE_KEYS = {0: set(), 1: {"reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients"}}
+ZERO_STAGE_KEYS[2] = ZERO_STAGE_KEYS[1]
+ZERO_STAGE_KEYS[3] = (ZERO_STAGE_KEYS[1] - {"allgather_bucket_size"}) | {
+    k for k in ZERO_SETTINGS if k.startswith("stage3_") or k == "zero_hpz_partition_size"}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_settings_land_in_the_deepspeed_json_for_their_stage_only(stage):
+    applicable = {k: v for k, v in ZERO_SETTINGS.items() if k in ZERO_STAGE_KEYS[stage]}
+    train = TrainConfig(zero_stage=stage, precision="bf16",
+                        zero={**applicable, "communication_data_type": "fp32"})
+    config = build_deepspeed_config(train, OptimConfig(), 4, ranks_per_node=2)
+    zero = config["zero_optimization"]
+    for key, value in applicable.items():
+        assert zero[key] == value, key
+    assert not (set(ZERO_SETTINGS) - ZERO_STAGE_KEYS[stage]) & set(zero)
+    assert config["communication_data_type"] == "fp32"  # a top-level DeepSpeed key, every stage
+
+
+def test_zero_defaults_keep_deepspeed_defaults_and_the_cpu_recipes_json():
+    for path in ("configs/pretrain/cpu_tiny.yaml", "configs/pretrain/cpu_demo.yaml"):
+        config = build_deepspeed_config(load_config(PretrainConfig, path).train, OptimConfig(), 2)
+        assert config["zero_optimization"] == {  # as generated before train.zero existed
+            "stage": 2, "contiguous_gradients": True, "overlap_comm": False,
+            "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
+        assert "communication_data_type" not in config  # DeepSpeed's default: the training precision
+    zero3 = build_deepspeed_config(TrainConfig(zero_stage=3, device="cuda"), OptimConfig(), 2)["zero_optimization"]
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    ours = DeepSpeedZeroConfig(**zero3)
+    theirs = DeepSpeedZeroConfig(stage=3)
+    for field in ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters", "max_reuse_distance",
+                  "param_persistence_threshold", "zero_hpz_partition_size", "overlap_comm", "contiguous_gradients"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+
+
+@pytest.mark.parametrize("key,value,stage", [
+    ("stage3_prefetch_bucket_size", 1, 2), ("zero_hpz_partition_size", 8, 1),
+    ("stage3_max_live_parameters", 1, 0), ("allgather_bucket_size", 1, 3), ("reduce_bucket_size", 1, 0)])
+def test_a_zero_setting_for_another_stage_exits_2_naming_the_key(key, value, stage, capsys):
+    from crucible.cli import stage_main
+
+    rc = stage_main(PretrainConfig, lambda cfg, args: 0, "x", "d",
+                    argv=[f"train.zero_stage={stage}", f"train.zero.{key}={value}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"train.zero.{key}={value}" in err and f"(got {stage})" in err
+
+
+def test_hpz_must_divide_the_world_and_the_node():
+    train = TrainConfig(zero_stage=3, zero={"zero_hpz_partition_size": 8})
+    assert build_deepspeed_config(train, OptimConfig(), 32, ranks_per_node=8)["zero_optimization"][
+        "zero_hpz_partition_size"] == 8
+    with pytest.raises(ConfigError, match=r"zero_hpz_partition_size=8 must divide the data-parallel size \(12\)"):
+        build_deepspeed_config(train, OptimConfig(), 12)
+    with pytest.raises(ConfigError, match=r"must divide the ranks per node \(4\)"):
+        build_deepspeed_config(train, OptimConfig(), 32, ranks_per_node=4)
+
+
+def _dry_run_json(out: str) -> dict:
+    start = out.index("{", out.index("deepspeed config ("))
+    return json.loads(out[start:out.index("\nmodel-state memory")])
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/pretrain").glob("gpu_*.yaml")), ids=lambda p: p.name)
+def test_every_gpu_recipe_zero_settings_appear_in_its_dry_run(path, capsys, token_manifest):
+    from launcher.pretrain import main
+
+    recipe = yaml.safe_load(path.read_text())
+    sources = len(recipe["data"]["manifests"])
+    assert main(["--config", str(path), "--dry-run", f"data.manifests=[{','.join([str(token_manifest)] * sources)}]"]) == 0
+    ds = _dry_run_json(capsys.readouterr().out)
+    settings = recipe["train"].get("zero", {})
+    assert settings or recipe["train"]["planned_world_size"] == 1, "a multi-GPU recipe sets train.zero"
+    for key, value in settings.items():
+        assert (ds if key == "communication_data_type" else ds["zero_optimization"])[key] == value, key
+
+
+def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
+    from training.optim import adamw_kwargs
+
+    assert adamw_kwargs(torch.device("cuda", 3).type, [torch.float32, torch.bfloat16]) == {"fused": True, "foreach": False}
+    assert adamw_kwargs("cpu", [torch.float32]) == {"fused": False, "foreach": True}  # exact resume on CPU
+    assert adamw_kwargs("cuda", [torch.int64]) == {"fused": False, "foreach": True}
+    assert adamw_kwargs("mixed") == {"fused": False, "foreach": True}
+    # the choice follows the tensors the optimizer really steps (ZeRO's partitions, on the host
+    # when offloaded), made at the first step
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SkippingAdamW([p], lr=0.1, foreach=False)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.param_groups[0]["foreach"] is True and opt.param_groups[0]["fused"] is False

@@ -6,13 +6,14 @@ hand-kept; the generated JSON is saved in the run directory (``deepspeed_config.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crucible.errors import ConfigError
 from crucible.fileio import atomic_write_json
-from training.config import OptimConfig, TrainConfig
+from training.config import ZERO_KEYS_BY_STAGE, OptimConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -96,26 +97,49 @@ def _offload(target: str, nvme_path: str | None) -> dict[str, Any]:
 
 
 def build_zero_section(train: TrainConfig) -> dict[str, Any]:
+    """``zero_optimization`` with the ``train.zero`` settings of this stage and only those."""
     zero: dict[str, Any] = {"stage": train.zero_stage}
-    if train.zero_stage >= 1:
-        zero.update(
-            contiguous_gradients=True,
-            overlap_comm=train.device != "cpu",
-            reduce_bucket_size=int(5e8),
-            allgather_bucket_size=int(5e8),
-        )
+    settings = train.zero
+    keys = ZERO_KEYS_BY_STAGE[train.zero_stage]
+    for name in keys:
+        if name == "communication_data_type":
+            continue  # a top-level DeepSpeed key, see build_deepspeed_config
+        value = getattr(settings, name)
+        if name == "overlap_comm" and value == "auto":
+            value = train.device != "cpu"
+        zero[name] = value
     if train.zero_stage == 3:
-        zero.pop("allgather_bucket_size")
-        zero.update(
-            stage3_prefetch_bucket_size=int(5e7),
-            stage3_param_persistence_threshold=int(1e5),
-            stage3_gather_16bit_weights_on_model_save=False,
-        )
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
     if train.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(train.offload_optimizer, train.nvme_path)
     if train.offload_params != "none":
         zero["offload_param"] = _offload(train.offload_params, train.nvme_path)
     return zero
+
+
+def check_hpz(train: TrainConfig, data_parallel_size: int, ranks_per_node: int | None) -> None:
+    """hpZ groups ``train.zero.zero_hpz_partition_size`` consecutive ranks; the groups must tile
+    the world and, for the all-gathers to stay on the intra-node links, each node."""
+    hpz = train.zero.zero_hpz_partition_size
+    if hpz == 1:
+        return
+    key = f"train.zero.zero_hpz_partition_size={hpz}"
+    if data_parallel_size % hpz:
+        raise ConfigError(f"{key} must divide the data-parallel size ({data_parallel_size}); set it to the "
+                          "GPUs per node (or 1 to turn hpZ off)")
+    if ranks_per_node is not None and ranks_per_node % hpz:
+        raise ConfigError(f"{key} must divide the ranks per node ({ranks_per_node}) so its all-gathers stay "
+                          "inside a node; set it to the GPUs per node (or 1 to turn hpZ off)")
+
+
+def ranks_per_node(world_size: int) -> int:
+    """Ranks on this node as the launcher says (deepspeed: ``LOCAL_SIZE``, torchrun:
+    ``LOCAL_WORLD_SIZE``, Slurm: ``SLURM_NTASKS_PER_NODE``), else the whole world (one node)."""
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return world_size
 
 
 def build_precision_section(train: TrainConfig) -> dict[str, Any]:
@@ -158,9 +182,12 @@ def build_deepspeed_config(
     optim: OptimConfig,
     data_parallel_size: int,
     load_universal: bool = False,
+    ranks_per_node: int | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run (pure function of the typed config and DP size)."""
+    """The DeepSpeed config dict for this run (pure function of the typed config, the DP size and,
+    when known, the ranks per node that hpZ must divide)."""
     plan = resolve_batch(train, data_parallel_size)
+    check_hpz(train, data_parallel_size, ranks_per_node)
     config: dict[str, Any] = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -177,6 +204,8 @@ def build_deepspeed_config(
         "checkpoint": {"load_universal": load_universal},
     }
     config.update(build_precision_section(train))
+    if train.zero.communication_data_type != "auto":
+        config["communication_data_type"] = train.zero.communication_data_type
     if optim.implementation == "deepspeed":
         config.update(build_optimizer_section(optim))
     elif train.offload_optimizer != "none":

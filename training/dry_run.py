@@ -77,7 +77,8 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None) -> int:
     training. Raises a :class:`UserError` (exit 2) after the plan when something would stop the run."""
     world, why = plan_world_size(cfg, world_size)
     try:
-        ds_config = build_deepspeed_config(cfg.train, cfg.optim, world)
+        # planned as nodes of 8 GPUs, as the memory plans below
+        ds_config = build_deepspeed_config(cfg.train, cfg.optim, world, ranks_per_node=min(world, 8))
     except ConfigError as exc:
         if world_size is None:
             raise ConfigError(f"{exc} (--dry-run planned for {world} rank(s), {why}; pass --world-size N "

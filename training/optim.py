@@ -3,7 +3,8 @@ from :mod:`training.schedule`; the loop sets it on every step)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -46,6 +47,21 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors, foreach=True))
 
 
+def adamw_kwargs(device_type: str, dtypes: Iterable[torch.dtype] = (torch.float32,)) -> dict[str, bool]:
+    """Which torch AdamW implementation steps tensors of ``dtypes`` on ``device_type``.
+
+    CUDA: ``fused`` (one kernel per parameter group instead of a dozen multi-tensor launches;
+    torch fuses every floating dtype there). GPU runs promise no bit-exact resume anyway (cuBLAS
+    and attention kernels are not bit-deterministic), so nothing is lost. Everywhere else, and
+    for the host-side partitions of an offloaded optimizer: ``foreach``, which keeps a resumed CPU
+    run's losses bit for bit equal to an uninterrupted one (the exact-resume tests); the CPU fused
+    kernel is not bit-stable across a resume.
+    """
+    if device_type == "cuda" and all(d.is_floating_point for d in dtypes):
+        return {"fused": True, "foreach": False}
+    return {"fused": False, "foreach": True}
+
+
 class SkippingAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` that skips a step whose gradients are non-finite on any rank.
 
@@ -60,6 +76,7 @@ class SkippingAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.skipped_steps = 0
         self.last_step_skipped = False
+        self._implementation_chosen = False
         # Without ZeRO (stage 0) the engine neither reports the gradient norm nor clips before
         # this step sees full gradients; then this optimizer clips and records the norm itself
         # (DeepSpeed's engine reads ``_global_grad_norm`` from its optimizer).
@@ -72,6 +89,17 @@ class SkippingAdamW(torch.optim.AdamW):
         max_norm = self.clip_grad if self.clip_grad else float("inf")
         # kept as a tensor: the loop reads it with the step's other numbers (one host sync)
         self._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def _choose_implementation(self) -> None:
+        """Set fused or foreach per group from the tensors this optimizer really updates: after
+        ``deepspeed.initialize`` those are ZeRO's fp32 partitions, on the host when the optimizer
+        is offloaded even though the model is on a GPU."""
+        for group in self.param_groups:
+            tensors = group["params"]
+            device_types = {t.device.type for t in tensors}
+            device_type = device_types.pop() if len(device_types) == 1 else "mixed"
+            group.update(adamw_kwargs(device_type, {t.dtype for t in tensors}))
+        self._implementation_chosen = True
 
     def _all_grads_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -86,14 +114,17 @@ class SkippingAdamW(torch.optim.AdamW):
             self.last_step_skipped = True
             return None
         self.last_step_skipped = False
+        if not self._implementation_chosen:
+            self._choose_implementation()
         return super().step(closure)
 
 
 def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig, zero_stage: int) -> SkippingAdamW:
     """A :class:`SkippingAdamW` over ``groups`` (see :func:`param_groups`).
 
-    ``foreach`` is used on every device; ``fused`` is not (it is not bit-stable across resume
-    on CPU). Without ZeRO the optimizer clips (DeepSpeed does not hand it clipped gradients).
+    Built with ``foreach``; the first step switches each group to the implementation of
+    :func:`adamw_kwargs` for the device its tensors are on then (``fused`` on CUDA). Without ZeRO
+    the optimizer clips (DeepSpeed does not hand it clipped gradients).
     """
     return SkippingAdamW(
         groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
