@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from crucible.errors import ConfigError
+from training.collectives import barrier, gather_objects
 from training.config import TrainConfig
 
 log = logging.getLogger("crucible.training.engine")
@@ -56,11 +57,33 @@ def process_group_backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
+NCCL_ENV_DEFAULTS: dict[str, str] = {
+    # on a failed or timed-out NCCL collective the watchdog aborts the communicators and ends the
+    # process (exit != 0, the launcher stops the job) instead of leaving every rank hung
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # wait() stays asynchronous: a blocking wait (1) would sync the host on every collective and
+    # lose DeepSpeed's overlap of communication with compute; the timeout is enforced by the
+    # watchdog above either way
+    "TORCH_NCCL_BLOCKING_WAIT": "0",
+}
+
+
+def set_nccl_env_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set :data:`NCCL_ENV_DEFAULTS` where the environment leaves them unset (a value the user
+    exported, e.g. in ``.deepspeed_env``, wins); returns what was set. Read by NCCL when the
+    process group is created, so called before it."""
+    env = os.environ if environ is None else environ
+    added = {key: value for key, value in NCCL_ENV_DEFAULTS.items() if key not in env}
+    env.update(added)
+    return added
+
+
 def init_distributed(train: TrainConfig) -> DistContext:
     """Join (or create) the process group: deepspeed launcher, torchrun, Slurm or one process.
 
     The group's timeout is ``train.collective_timeout_s``: a dead or hung rank makes the others'
-    next collective fail instead of blocking forever. The accelerator must match the device:
+    next collective fail instead of blocking forever (on GPUs with NCCL's async error handling,
+    :data:`NCCL_ENV_DEFAULTS`). The accelerator must match the device:
     on CPU set ``DS_ACCELERATOR=cpu`` (the tests and the CPU recipe do).
     """
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
@@ -84,6 +107,8 @@ def init_distributed(train: TrainConfig) -> DistContext:
         os.environ["LOCAL_RANK"] = str(device.index)  # DeepSpeed places the engine by LOCAL_RANK
     if not dist.is_initialized():
         world = int(os.environ["WORLD_SIZE"])
+        if device.type == "cuda":
+            set_nccl_env_defaults()
         dist.init_process_group(
             process_group_backend(device), timeout=timedelta(seconds=train.collective_timeout_s),
             # binding the GPU lets NCCL connect eagerly; a single rank has no peer to reach
@@ -94,6 +119,43 @@ def init_distributed(train: TrainConfig) -> DistContext:
         atexit.register(release_cpu_shm_segment, dist.get_rank())
     watch_deepspeed_launcher()
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
+
+
+def check_writable_on_every_rank(directory: Path, rank: int, world_size: int) -> None:
+    """Every rank writes, sees and removes probe files in ``directory`` before the first step.
+
+    Each rank writes ``.write-probe-rank<N>``; after a barrier each rank checks that it sees every
+    rank's probe (a directory on node-local disk passes a plain write test on every node, but
+    each node would then hold only its own ranks' checkpoint shards and no resume could load
+    them). All ranks agree on the outcome, so a failure is the same one-line :class:`UserError`
+    (exit 2) on every rank, naming the rank, its host and the path, instead of a crash at the
+    first save hours later.
+    """
+    host = socket.gethostname()
+    probe = directory / f".write-probe-rank{rank}"
+    problem: str | None = None
+    wrote = False
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text(host)
+        wrote = True
+    except OSError as exc:
+        problem = f"rank {rank} on host {host} cannot write to {directory} ({exc.strerror or exc})"
+    problems = gather_objects(problem, world_size)  # also: every rank has written its probe
+    if not any(problems):
+        missing = [r for r in range(world_size) if not (directory / f".write-probe-rank{r}").is_file()]
+        problem = (f"rank {rank} on host {host} does not see the probe files of rank(s) "
+                   f"{', '.join(map(str, missing))} in {directory}, so it is not shared storage"
+                   if missing else None)
+        problems = gather_objects(problem, world_size)
+    barrier()  # every rank has looked before any probe goes
+    if wrote:
+        probe.unlink(missing_ok=True)
+    first = next((p for p in problems if p), None)
+    if first is not None:
+        raise ConfigError(f"checkpoint directory not usable: {first}; set run_dir to a directory that "
+                          "every rank can write and that all nodes share (the same network "
+                          "filesystem path on every node)")
 
 
 def release_cpu_shm_segment(rank: int) -> None:

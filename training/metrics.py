@@ -12,13 +12,22 @@ the checkpoints' trainer state.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import platform
 import resource
+import socket
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from crucible.fileio import atomic_write_json
+from training.collectives import barrier, gather_objects
 
 log = logging.getLogger("crucible.training.metrics")
 
@@ -76,13 +85,99 @@ def measure_cpu_gemm_tflops(size: int = 1024, repeats: int = 5, dtype: torch.dty
     return 2 * size**3 / best / 1e12
 
 
-def device_peak_tflops(device: torch.device, precision: str, override: float | None = None) -> float | None:
-    """Peak TFLOP/s of one device: ``log.peak_tflops``, the GPU table, or on CPU a measured GEMM
-    peak. An unknown GPU warns once and gives None (no MFU): a CPU peak means nothing there."""
+CACHE_DIR_ENV = "CRUCIBLE_CACHE_DIR"
+CPU_PEAK_CACHE_FILE = "cpu_peak_tflops.json"
+
+
+def cache_dir() -> Path:
+    """Crucible's per-user cache: ``$CRUCIBLE_CACHE_DIR``, else ``$XDG_CACHE_HOME/crucible``,
+    else ``~/.cache/crucible``."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crucible"
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_peak_key(threads: int, dtype: torch.dtype = torch.float32) -> str:
+    """What a cached CPU peak depends on: CPU model, core count, threads, dtype, torch version."""
+    return (f"{cpu_model_name()} | {os.cpu_count()} cores | {threads} threads | "
+            f"{str(dtype).removeprefix('torch.')} | torch {torch.__version__}")
+
+
+def cached_cpu_peak_tflops(threads: int, dtype: torch.dtype = torch.float32, cache_file: Path | None = None,
+                           measure: Callable[[], float] | None = None) -> float:
+    """The GEMM peak of ``threads`` torch threads on this machine, measured once and cached.
+
+    MFU divides by this peak, so it must not depend on how many ranks share the machine: every
+    rank measuring at once (the old way) competes for the cores and memory bandwidth, and a
+    2-rank run reported 75-93 % MFU where one rank reported 51 %. The peak is measured alone
+    (see :func:`cpu_peak_tflops_on_ranks`) with the thread count the rank trains with, and kept
+    in ``<cache_dir>/cpu_peak_tflops.json`` keyed by :func:`cpu_peak_key`; delete that file (or
+    point ``CRUCIBLE_CACHE_DIR`` elsewhere) to measure again. A cache that cannot be read or
+    written costs a measurement, never the run.
+    """
+    path = cache_file or cache_dir() / CPU_PEAK_CACHE_FILE
+    key = cpu_peak_key(threads, dtype)
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    entry = cached.get(key) if isinstance(cached, dict) else None
+    if isinstance(entry, dict) and isinstance(entry.get("tflops"), (int, float)) and entry["tflops"] > 0:
+        return float(entry["tflops"])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        peak = measure() if measure is not None else measure_cpu_gemm_tflops(dtype=dtype)
+    finally:
+        torch.set_num_threads(previous)
+    log.info("measured the CPU GEMM peak: %.3f TFLOP/s (%s); cached in %s", peak, key, path)
+    cached = cached if isinstance(cached, dict) else {}
+    cached[key] = {"tflops": peak, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        atomic_write_json(path, cached)
+    except OSError as exc:
+        log.warning("could not cache the CPU peak in %s (%s): the next run measures it again", path, exc)
+    return peak
+
+
+def cpu_peak_tflops_on_ranks(rank: int, world_size: int) -> float:
+    """This rank's CPU peak (:func:`cached_cpu_peak_tflops` for its torch threads), measured by
+    one rank at a time: the first rank of each (host, threads) pair looks it up or measures it
+    while every other rank waits at a barrier, then every rank takes its pair's value."""
+    threads = torch.get_num_threads()
+    if world_size == 1:
+        return cached_cpu_peak_tflops(threads)
+    keys = gather_objects((socket.gethostname(), threads), world_size)
+    first = {key: keys.index(key) for key in keys}
+    peak: float | None = None
+    for measurer in sorted(set(first.values())):
+        if measurer == rank:
+            peak = cached_cpu_peak_tflops(threads)
+        barrier()
+    peaks = gather_objects(peak, world_size)
+    return peaks[first[keys[rank]]]
+
+
+def device_peak_tflops(device: torch.device, precision: str, override: float | None = None,
+                       rank: int = 0, world_size: int = 1) -> float | None:
+    """Peak TFLOP/s of one device: ``log.peak_tflops``, the GPU table, or on CPU the GEMM peak of
+    this rank's threads (:func:`cpu_peak_tflops_on_ranks`: every rank must call this together).
+    An unknown GPU warns once and gives None (no MFU): a CPU peak means nothing there."""
     if override is not None:
         return override
     if device.type != "cuda":
-        return measure_cpu_gemm_tflops()
+        return cpu_peak_tflops_on_ranks(rank, world_size)
     name = torch.cuda.get_device_name(device)
     peak = gpu_peak_tflops(name, precision, tf32=torch.backends.cuda.matmul.allow_tf32)
     if peak is None and name not in _warned_unknown:
@@ -144,3 +239,44 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_tflops_per_device
     if not peak_tflops_per_device:
         return None
     return tokens_per_second * flops_per_token / (peak_tflops_per_device * 1e12 * devices)
+
+
+def process_start_time() -> float:
+    """When this process started (epoch seconds), so that start-up counts its imports too."""
+    import psutil
+
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:
+        return time.time()
+
+
+class StartupClock:
+    """Where a run's start-up goes: seconds from the process's start to each phase's end.
+
+    ``mark(phase)`` closes ``phase`` now; :meth:`summary` gives the start-up line the trainer
+    logs before its first step (``bench/startup.py`` reads it).
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = process_start_time() if start is None else start
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, time.time()))
+
+    def seconds(self) -> float:
+        """Seconds since the process started."""
+        return time.time() - self.start
+
+    def phases(self) -> list[tuple[str, float]]:
+        """(phase, seconds) in order; the first phase starts at the process's start."""
+        out, last = [], self.start
+        for phase, at in self.marks:
+            out.append((phase, at - last))
+            last = at
+        return out
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases())
+        return f"start-up: {self.seconds():.1f} s from process start to the first step ({parts})"
