@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.loss import chunked_cross_entropy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,6 +62,23 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+class OutputHead(Linear):
+    """The output head: logits, or with ``targets`` the mean next-token cross-entropy.
+
+    The loss is computed inside this module's forward so that under DeepSpeed ZeRO-3, which
+    gathers a partitioned weight only for the forward of the module that owns it, the weight
+    (tied or not) is whole while the loss reads it.
+    """
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                chunk_tokens: int | None = None) -> torch.Tensor:
+        if targets is None:
+            return F.linear(x, self.weight)  # (B, T, V)
+        if chunk_tokens:
+            return chunked_cross_entropy(x, self.weight, targets, chunk_tokens)
+        return F.cross_entropy(F.linear(x, self.weight).float().flatten(0, -2), targets.flatten())
 
 
 class Embedding(nn.Module):
@@ -230,7 +248,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         tied = self.embed.weight if cfg.tie_embeddings else None
-        self.lm_head = Linear(cfg.dim, cfg.vocab_size, cfg.init_std, weight=tied)
+        self.lm_head = OutputHead(cfg.dim, cfg.vocab_size, cfg.init_std, weight=tied)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -258,10 +276,19 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
             self.lm_head.tied = True
 
-    def forward(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+    def forward(self, tokens: torch.Tensor, *, targets: torch.Tensor | None = None,
+                loss_chunk_tokens: int | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for ``tokens`` (B, T); arguments as :meth:`hidden_states`."""
-        return self.lm_head(self.hidden_states(tokens, positions=positions, cache=cache, mask=mask))
+        """Logits (B, T, vocab_size) for ``tokens`` (B, T); other arguments as :meth:`hidden_states`.
+
+        With ``targets`` (B, T): the mean cross-entropy (fp32 scalar) of the logits against them
+        instead, computed ``loss_chunk_tokens`` tokens at a time (see :mod:`model.loss`) so the
+        (B*T, vocab_size) fp32 logits never exist; None or 0: from the full logits.
+        """
+        hidden = self.hidden_states(tokens, positions=positions, cache=cache, mask=mask)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(hidden)  # (B, T, V)
+        return self.lm_head(hidden, targets, loss_chunk_tokens)
 
     def hidden_states(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
