@@ -10,6 +10,11 @@
 2. Memory: ``launcher/pretrain.py`` with 2 ranks at ZeRO 0/1/2/3: per-rank model-state bytes
    (weights + gradients + optimizer state actually held, ZeRO shards counted) and peak RSS,
    beside DeepSpeed's own estimators.
+3. Loss memory: one training step (forward + backward) of the same model and batch with the
+   chunked next-token loss (``train.loss_chunk_tokens``, the default) beside the full fp32
+   logits (``train.loss_chunk_tokens=0``, what the plain loop does), in this process: peak RSS
+   growth over the step (the kernel's high-water mark, reset before each step), at the shards'
+   vocabulary and at a 32k one.
 
     python bench/pretrain.py                                  # token shards built from data/sample
     python bench/pretrain.py --manifest /work/shared/data/.../manifest.json --steps 30
@@ -33,8 +38,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 ROOT = Path(_HERE).parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 PRESET = "cpu-small"
 
@@ -66,7 +71,7 @@ def run_launcher(run_dir: Path, manifest: Path, args: argparse.Namespace, stage:
         cmd = [sys.executable, *script]
     else:
         cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), *script]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"launcher failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -173,6 +178,82 @@ def memory(manifest: Path, args: argparse.Namespace, work: Path) -> None:
     print(f"ratio ZeRO-3 / ZeRO-0 model state per rank: {measured[3] / measured[0]:.2f}x (target <= 0.7x)")
 
 
+def _rss_kib() -> tuple[int, int]:
+    """(current RSS, peak RSS since the last :func:`_reset_peak_rss`) of this process in KiB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM <- VmRSS
+    except OSError as exc:
+        raise SystemExit(f"the loss-memory bench needs a writable /proc/self/clear_refs (Linux) to reset the "
+                         f"peak RSS ({exc}); run it with --skip-loss-memory") from None
+
+
+def _return_freed_memory_at_once() -> None:
+    """Make glibc serve every allocation of 64 KiB or more by mmap and unmap it when freed (a fixed
+    threshold also stops glibc raising it after frees), so RSS follows the live tensors and the
+    peak RSS growth of a step is its peak tensor memory rather than what the heap kept from before."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_mmap_threshold = -3
+    if not libc.mallopt(m_mmap_threshold, 64 * 1024):
+        raise SystemExit("mallopt(M_MMAP_THRESHOLD) failed: the loss-memory bench needs glibc; run it with "
+                         "--skip-loss-memory")
+
+
+def _step_peak(model: torch.nn.Module, tokens: torch.Tensor, chunk_tokens: int) -> tuple[float, float, float]:
+    """Peak RSS growth (MiB) of one forward + backward from a state without gradients, its time
+    (s) and the loss."""
+    model.zero_grad(set_to_none=True)
+    before, _ = _rss_kib()
+    _reset_peak_rss()
+    start = time.perf_counter()
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk_tokens=chunk_tokens)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    _, peak = _rss_kib()
+    return (peak - before) / 1024, elapsed, loss.item()
+
+
+def loss_memory(manifest: Path, args: argparse.Namespace) -> None:
+    from data_pipeline.loader.config import LoaderConfig
+    from data_pipeline.loader.train import build_train_loader
+    from model.config import ModelConfig, resolve_model_config
+    from model.transformer import build_transformer
+    from training.config import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    _return_freed_memory_at_once()
+    loader = build_train_loader(LoaderConfig(manifests=[str(manifest)]), args.batch_size, 0, 1)
+    chunk = TrainConfig().loss_chunk_tokens
+    n_tokens = args.batch_size * (loader.seq_len - 1)
+    print(f"\n== loss memory: one forward + backward, {PRESET}, batch {args.batch_size} x {loader.seq_len} tokens, "
+          f"fp32, peak RSS growth over the step (best of {args.loss_repeats})")
+    print(f"{'vocab':>6s} {'fp32 logits':>12s} {'full logits':>12s} {f'chunks of {chunk}':>15s} {'ratio':>7s} "
+          f"{'time ratio':>11s} {'|loss diff|':>11s}")
+    for vocab in (int(loader.vocab_size), 32000):
+        cfg = resolve_model_config(ModelConfig(preset=PRESET), vocab_size=vocab)
+        model = build_transformer(cfg, seed=0, dtype=torch.float32).train()
+        tokens = torch.randint(0, vocab, (args.batch_size, loader.seq_len), generator=torch.Generator().manual_seed(0))
+        results: dict[int, list[tuple[float, float, float]]] = {0: [], chunk: []}
+        for _ in range(args.loss_repeats):  # interleaved, so both see the same machine load
+            for chunk_tokens, measured in results.items():
+                _step_peak(model, tokens, chunk_tokens)  # warm-up: allocator and thread pools
+                measured.append(_step_peak(model, tokens, chunk_tokens))
+        full_mib = min(r[0] for r in results[0])
+        chunked_mib = min(r[0] for r in results[chunk])
+        time_ratio = min(r[1] for r in results[chunk]) / min(r[1] for r in results[0])
+        logits_mib = n_tokens * vocab * 4 / 1024**2
+        print(f"{vocab:6d} {logits_mib:8.0f} MiB {full_mib:8.0f} MiB {chunked_mib:11.0f} MiB "
+              f"{chunked_mib / full_mib:6.2f}x {time_ratio:10.2f}x {abs(results[0][0][2] - results[chunk][0][2]):11.2e}")
+    print("ratio = chunked / full-logits peak; time ratio = chunked / full-logits step time (below 1: faster)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=None,
@@ -184,6 +265,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-loss-memory", action="store_true")
+    parser.add_argument("--loss-repeats", type=int, default=3, help="measured steps per loss variant")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     manifest = args.manifest
@@ -195,6 +278,8 @@ def main() -> None:
         throughput(manifest, args, work)
     if not args.skip_memory:
         memory(manifest, args, work)
+    if not args.skip_loss_memory:
+        loss_memory(manifest, args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from crucible.errors import DataError, UserError
@@ -158,9 +157,12 @@ class LanguageModelStep(StepModule):
         return self.engine, self.optimizer
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32) of the micro batch ``tokens`` (B, T + 1), computed
+        inside the model's forward (so ZeRO-3 has the output head gathered), in chunks of
+        ``train.loss_chunk_tokens`` tokens."""
         tokens = tokens.to(self.ctx.device, non_blocking=True)
-        logits = self.engine(tokens[:, :-1])  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        return self.engine(tokens[:, :-1], targets=tokens[:, 1:],
+                           loss_chunk_tokens=self.cfg.train.loss_chunk_tokens)
 
     def train_step(self, batch: list[torch.Tensor], step: int) -> StepOutput:
         """Every micro batch holds the same number of tokens (packed, no padding), so the mean
