@@ -3,7 +3,8 @@
 The metrics of a step (``train/loss``, ``train/lr``, ``train/grad_norm``,
 ``train/tokens_per_second``, ``train/mfu``, ``train/data_wait_fraction``, ``train/step_time``,
 ``train/memory_gb``, ``train/skipped_steps``, ``data/skipped_samples``; ``val/loss``,
-``val/perplexity`` or ``dev/...``; ``checkpoint/save_seconds``) are built by the loop and written
+``val/perplexity`` or ``dev/...``; ``checkpoint/save_seconds``;
+``startup/seconds_to_first_step`` with step 1) are built by the loop and written
 by :class:`training.callbacks.metrics.MetricsLogger`. ``data/skipped_samples`` is the run's total
 of training samples the loader replaced because their shard was unusable
 (``data.on_corrupt_shard=skip``), summed over ranks within the step's one all-reduce and kept in
