@@ -124,7 +124,8 @@ def cached_cpu_peak_tflops(threads: int, dtype: torch.dtype = torch.float32, cac
     2-rank run reported 75-93 % MFU where one rank reported 51 %. The peak is measured alone
     (see :func:`cpu_peak_tflops_on_ranks`) with the thread count the rank trains with, and kept
     in ``<cache_dir>/cpu_peak_tflops.json`` keyed by :func:`cpu_peak_key`; delete that file (or
-    point ``CRUCIBLE_CACHE_DIR`` elsewhere) to measure again. A cache that cannot be read or
+    point ``CRUCIBLE_CACHE_DIR`` elsewhere) to measure again. A peak measured while other jobs
+    load the cores comes out low (and MFU high) until then. A cache that cannot be read or
     written costs a measurement, never the run.
     """
     path = cache_file or cache_dir() / CPU_PEAK_CACHE_FILE
@@ -139,7 +140,8 @@ def cached_cpu_peak_tflops(threads: int, dtype: torch.dtype = torch.float32, cac
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        peak = measure() if measure is not None else measure_cpu_gemm_tflops(dtype=dtype)
+        # best of 25 (~0.5 s on one thread): 5 came out up to 20 % low on an idle machine
+        peak = measure() if measure is not None else measure_cpu_gemm_tflops(repeats=25, dtype=dtype)
     finally:
         torch.set_num_threads(previous)
     log.info("measured the CPU GEMM peak: %.3f TFLOP/s (%s); cached in %s", peak, key, path)
