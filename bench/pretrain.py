@@ -119,7 +119,7 @@ def hf_llama_loop(manifest: Path, args: argparse.Namespace, steps: int) -> dict[
 def throughput(manifest: Path, args: argparse.Namespace, work: Path) -> None:
     from model.config import ModelConfig, resolve_model_config
     from model.flops import flops_per_token, num_params
-    from training.metrics import measure_cpu_gemm_tflops
+    from training.metrics import cached_cpu_peak_tflops
 
     torch.set_num_threads(args.threads)
     # the plain loop runs before and after ours and its better run counts (other load on the
@@ -133,8 +133,9 @@ def throughput(manifest: Path, args: argparse.Namespace, work: Path) -> None:
           f"{hf_after['tokens_per_second']:.0f}")
     vocab = json.loads(Path(manifest).read_text())["tokenizer"]["vocab_size"]
     cfg = resolve_model_config(ModelConfig(preset=PRESET), vocab_size=vocab)
-    peak = measure_cpu_gemm_tflops() * 1e12
-    # one peak for both, measured here (the trainer's own train/mfu uses its own measurement)
+    peak = cached_cpu_peak_tflops(args.threads) * 1e12
+    # one peak for both: the machine's cached peak for these threads, which the trainer's own
+    # train/mfu also uses
     mfu_hf = hf["tokens_per_second"] * flops_per_token(cfg, hf["seq_len"]) / peak
     mfu_ours = tps_ours * flops_per_token(cfg, hf["seq_len"]) / peak
     print(f"\n== throughput: {PRESET} ({num_params(cfg) / 1e6:.1f}M params), batch {args.batch_size} x "

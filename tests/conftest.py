@@ -8,6 +8,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One ninja for every DeepSpeed op build of the suite, in process and in launched ranks: the
+# environment's (the `deepspeed` command puts it first), not the system's, whose other version
+# would make each build find the other's stale and rebuild (45-100 s each; training.engine.
+# use_environment_ninja does the same for runs started as plain python)
+_ENV_BIN = str(Path(sys.executable).parent)
+os.environ["PATH"] = os.pathsep.join([_ENV_BIN, *(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                                  if p != _ENV_BIN)])
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
