@@ -49,6 +49,51 @@ class ScheduleConfig(Section):
     """wsd only: fraction of the steps after warmup spent decaying."""
 
 
+_ZERO_1_2 = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
+             "communication_data_type")
+ZERO_KEYS_BY_STAGE: dict[int, tuple[str, ...]] = {
+    0: ("communication_data_type",),
+    1: _ZERO_1_2,
+    2: _ZERO_1_2,
+    3: ("reduce_bucket_size", "overlap_comm", "contiguous_gradients", "communication_data_type",
+        "stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+        "stage3_param_persistence_threshold", "zero_hpz_partition_size"),
+}
+"""The ``train.zero`` settings DeepSpeed reads at each ZeRO stage."""
+
+
+class ZeroConfig(Section):
+    """DeepSpeed ZeRO tuning (section ``train.zero``), written into the generated DeepSpeed JSON
+    only for the stages each setting applies to. The defaults are DeepSpeed 0.19's own; a value
+    other than the default for a stage it does not apply to is refused. Sizes count elements
+    (parameters or gradient values), not bytes, as DeepSpeed does."""
+
+    reduce_bucket_size: int = Field(500_000_000, gt=0)
+    """Stages 1-3: gradient elements reduced (reduce-scatter) per collective; bigger buckets amortise latency, each costs its size in communication buffer."""
+    allgather_bucket_size: int = Field(500_000_000, gt=0)
+    """Stages 1-2: updated-parameter elements all-gathered per collective after the optimizer step."""
+    overlap_comm: bool | Literal["auto"] = "auto"
+    """Stages 1-3: overlap gradient reduction with the backward pass (auto: on unless train.device=cpu)."""
+    contiguous_gradients: bool = True
+    """Stages 1-3: copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
+    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=0)
+    """Stage 3: parameter elements all-gathered ahead of use (about one Transformer block overlaps its gather with the block before)."""
+    stage3_max_live_parameters: int = Field(1_000_000_000, ge=0)
+    """Stage 3: most gathered (full) parameter elements kept on a GPU before they are released."""
+    stage3_max_reuse_distance: int = Field(1_000_000_000, ge=0)
+    """Stage 3: keep a gathered parameter whose next use is within this many parameter elements (e.g. the recomputed forward of a checkpointed block before its backward)."""
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
+    """Stage 3: parameters smaller than this stay whole on every GPU (norm gains, biases), saving latency-bound gathers."""
+    zero_hpz_partition_size: int = Field(1, gt=0)
+    """Stage 3 (ZeRO++ hpZ): also keep a secondary copy of the bf16 parameters partitioned over groups of this many ranks, so backward all-gathers stay inside a node; set it to the GPUs per node (it must divide them and the world size); 1: off."""
+    communication_data_type: Literal["auto", "fp32", "bf16"] = "auto"
+    """Data type of gradient reduction (auto: the training precision, DeepSpeed's default). fp32 sums bf16 gradients without rounding at every hop at twice the traffic."""
+
+    def changed(self) -> list[str]:
+        """Fields whose value differs from the default (set by the recipe or the command line)."""
+        return [name for name, field in type(self).model_fields.items() if getattr(self, name) != field.default]
+
+
 class TrainConfig(Section):
     """Training loop and parallelism (section ``train``)."""
 
@@ -64,8 +109,12 @@ class TrainConfig(Section):
     """Sequences per optimizer step over all ranks; checked against micro_batch x grad_accum x data-parallel size."""
     planned_world_size: int | None = Field(None, gt=0)
     """Ranks (GPUs) the recipe was written for: --dry-run plans for this many unless --world-size is given (null: derived from global_batch_size / (micro_batch_size x grad_accum_steps) when both are fixed, else 1). A run on another count keeps its global batch when grad_accum_steps is null."""
+    loss_chunk_tokens: int = Field(1024, ge=0)
+    """Tokens per chunk of the next-token loss: the logits are computed, upcast to fp32 and turned into gradients one chunk at a time, so no (tokens x vocabulary) fp32 logits are held (0: the full logits at once, as a plain loop does)."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage."""
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    """ZeRO communication and memory tuning (bucket sizes, ZeRO-3 prefetch, hpZ, gradient dtype)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision; fp16 (dynamic loss scaling) needs a GPU."""
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
@@ -83,12 +132,12 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(5, gt=0)
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     collective_timeout_s: float = Field(600.0, gt=0)
-    """A collective that waits longer than this (dead or hung rank) fails the run."""
+    """A collective that waits longer than this (dead or hung rank) fails the run: the process group's timeout, for gloo and NCCL alike (NCCL aborts through TORCH_NCCL_ASYNC_ERROR_HANDLING, set by the trainer when unset)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when available."""
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.offload_params != "none" and self.zero_stage != 3:
             raise ValueError(
                 f"train.offload_params={self.offload_params} needs train.zero_stage=3 "
@@ -98,7 +147,16 @@ class TrainConfig(Section):
             raise ValueError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got 0)")
         if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
             raise ValueError("train.nvme_path must be set when offloading to nvme")
+        self._check_zero()
         return self
+
+    def _check_zero(self) -> None:
+        for name in self.zero.changed():
+            if name not in ZERO_KEYS_BY_STAGE[self.zero_stage]:
+                stages = sorted(s for s, keys in ZERO_KEYS_BY_STAGE.items() if name in keys)
+                raise ValueError(
+                    f"train.zero.{name}={getattr(self.zero, name)} applies only to train.zero_stage "
+                    f"{' or '.join(map(str, stages))} (got {self.zero_stage}); remove it or change the stage")
 
 
 class CheckpointConfig(Section):

@@ -45,12 +45,18 @@ from training.collectives import (
 from training.deepspeed_config import (
     build_deepspeed_config,
     check_device_support,
+    ranks_per_node,
     resolve_batch,
     save_deepspeed_config,
 )
-from training.engine import DistContext, init_distributed, release_cpu_shm_segment
+from training.engine import (
+    DistContext,
+    check_writable_on_every_rank,
+    init_distributed,
+    release_cpu_shm_segment,
+)
 from training.faults import BadStepPolicy, PreemptionFlag
-from training.metrics import device_peak_tflops, mfu, peak_memory_gb
+from training.metrics import StartupClock, device_peak_tflops, mfu, peak_memory_gb
 from training.optim import all_finite
 from training.schedule import ConfiguredSchedule, LRSchedule
 from training.steps.base import StepModule
@@ -165,14 +171,18 @@ class Trainer:
     """The loop over optimizer steps of one run (see the module docstring).
 
     ``checkpoints=False`` saves nothing and resumes from nothing; ``evaluate=False`` never
-    evaluates (the LR range test uses both).
+    evaluates (the LR range test uses both). ``startup`` times the start-up phases (logged before
+    the first step).
     """
 
     def __init__(self, cfg: Any, ctx: DistContext, step_module: StepModule,
                  callbacks: Sequence[Callback] = (), schedule: LRSchedule | None = None,
-                 checkpoints: bool = True, evaluate: bool = True) -> None:
+                 checkpoints: bool = True, evaluate: bool = True, startup: StartupClock | None = None) -> None:
         self.cfg, self.ctx, self.step_module = cfg, ctx, step_module
         self.run_dir = Path(cfg.run_dir)
+        self.startup = startup or StartupClock()
+        if checkpoints:
+            check_writable_on_every_rank(ckpt.checkpoint_root(self.run_dir), ctx.rank, ctx.world_size)
         self.callbacks = list(callbacks)
         self.schedule = schedule or ConfiguredSchedule(cfg.optim.lr, cfg.schedule, cfg.train.max_steps)
         if schedule is None and cfg.schedule.warmup_steps >= cfg.train.max_steps:
@@ -189,10 +199,12 @@ class Trainer:
         self.plan = resolve_batch(cfg.train, ctx.world_size)
         self.data = step_module.prepare(self.plan)
         self.resume_from, universal = plan_resume(cfg, ctx) if checkpoints else (None, False)
+        self.startup.mark("data and resume plan")
         if self.resume_from is not None:
             ckpt.check_compatible(ckpt.read_trainer_state(self.resume_from.path),
                                   config_to_dict(step_module.model_cfg), step_module.tokenizer_sha256)
-        self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, ctx.world_size, load_universal=universal)
+        self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, ctx.world_size, load_universal=universal,
+                                                ranks_per_node=ranks_per_node(ctx.world_size))
         if ctx.rank == 0:
             write_run_files(self.run_dir, step_module.run_config, self.ds_config, step_module.tokenizer_dir)
         self.engine, self.optimizer = step_module.build_engine(self.ds_config)
@@ -200,8 +212,11 @@ class Trainer:
         self._data_skipped_seen = 0  # this process's loader count already in state.skipped_samples
         if self.resume_from is not None:
             self._restore(self.resume_from, universal)
+        self.startup.mark("model and DeepSpeed engine")
         self.flops_per_token = flops_per_token(step_module.model_cfg, step_module.seq_len)
-        self.peak_tflops = device_peak_tflops(ctx.device, cfg.train.precision, cfg.log.peak_tflops)
+        self.peak_tflops = device_peak_tflops(ctx.device, cfg.train.precision, cfg.log.peak_tflops,
+                                              ctx.rank, ctx.world_size)
+        self.startup.mark("device peak")
 
     def _fire(self, event: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -399,8 +414,12 @@ class Trainer:
                  self.step_module.seq_len, self.state.step)
         saved_at = self.state.step if self.resume_from is not None else -1
         eval_every = cfg.train.eval_every if self.evaluations else 0
+        startup_seconds: float | None = self.startup.seconds()
+        log.info("%s", self.startup.summary())
         while not self.finished and not self.stop_requested:
             metrics, preempted = self._train_step(data)
+            if startup_seconds is not None:  # the first step of this process
+                metrics["startup/seconds_to_first_step"], startup_seconds = startup_seconds, None
             step = self.state.step
             if eval_every and step % eval_every == 0:
                 self._evaluate()
@@ -460,14 +479,17 @@ def run_training(cfg: Any, make_step: Callable[[DistContext], StepModule],
     died, or hung past ``train.collective_timeout_s``) is logged in one line and the process
     exits with status 3 at once, skipping the broken process group's teardown.
     """
+    startup = StartupClock()
+    startup.mark("imports and config")
     wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     check_device_support(cfg.train, "cuda" if wants_cuda else "cpu")
     ctx = init_distributed(cfg.train)
+    startup.mark("process group")
     setup_logging(cfg.log.level, rank=ctx.rank, all_ranks=cfg.log.all_ranks,
                   rank_log_dir=Path(cfg.run_dir) / "logs" if cfg.log.rank_files else None)
     trainer = Trainer(cfg, ctx, make_step(ctx),
                       callbacks(ctx) if callbacks is not None else default_callbacks(cfg, ctx),
-                      schedule=schedule, checkpoints=checkpoints, evaluate=evaluate)
+                      schedule=schedule, checkpoints=checkpoints, evaluate=evaluate, startup=startup)
     try:
         return trainer.run()
     except RuntimeError as exc:
