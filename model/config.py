@@ -65,8 +65,8 @@ class ModelConfig(Section):
     """Standard deviation of the normal init of weight matrices."""
     init_depth_scaled: bool = True
     """Scale the residual output projections' init by 1/sqrt(2 * n_layers)."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass to save memory."""
+    activation_checkpointing: bool | int = False
+    """Recompute blocks' activations in the backward pass to save memory: false or 0 (none), true or 1 (every block), or an integer k >= 2: blocks 0, k, 2k, ... (block index divisible by k; ceil(n_layers / k) of them) are recomputed, the others keep their activations. Each recomputed block costs one more forward of it; ``launcher/pretrain.py --dry-run`` prints the activation memory of the choice."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype when the model is built outside DeepSpeed (generation, export)."""
 
@@ -106,6 +106,11 @@ class ModelConfig(Section):
                 f"model.dim / model.n_heads = {self.dim // self.n_heads} must be even for rotary "
                 "embeddings; change model.dim or model.n_heads"
             )
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"model.activation_checkpointing must be false, true or a block interval k >= 1, "
+                f"got {self.activation_checkpointing}"
+            )
         if self.ffn_dim is not None and self.ffn_dim <= 0:
             raise ValueError(f"model.ffn_dim must be positive or null, got {self.ffn_dim}")
         if self.rope_theta <= 0:
@@ -118,6 +123,11 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def checkpoint_every(self) -> int:
+        """``activation_checkpointing`` as a block interval: 0 none, 1 every block, k every k-th."""
+        return int(self.activation_checkpointing)
 
     @property
     def kv_heads(self) -> int:

@@ -309,9 +309,10 @@ class Transformer(nn.Module):
         sin = signed_sin(sin)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
+        every = self.cfg.checkpoint_every if self.training and torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.length)
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if every and i % every == 0:  # blocks 0, k, 2k, ... recompute in backward
                 x = checkpoint(layer, x, cos, sin, layer_cache, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, layer_cache, mask)
