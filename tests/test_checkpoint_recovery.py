@@ -31,14 +31,15 @@ def tiny() -> ModelConfig:
     return resolve_model_config(ModelConfig(preset="tiny"), vocab_size=384)
 
 
-def make_checkpoint(run_dir: Path, step: int, seed: int = 0, model: bool = True) -> Path:
-    """A checkpoint as the trainer saves it on 2 ranks with ZeRO-2 (DeepSpeed's files replaced
-    by small torch archives of the same names)."""
+def make_checkpoint(run_dir: Path, step: int, seed: int = 0, model: bool = True, world: int = WORLD,
+                    zero_stage: int = 2) -> Path:
+    """A checkpoint as the trainer saves it on ``world`` ranks with ZeRO-2 (DeepSpeed's files
+    replaced by small torch archives of the same names)."""
     path = ckpt.checkpoint_root(run_dir) / ckpt.tag_for(step)
     path.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
     torch.save({"module": torch.randn(64, generator=gen)}, path / "mp_rank_00_model_states.pt")
-    for rank in range(WORLD):
+    for rank in range(world):
         torch.save({"optimizer_state_dict": torch.randn(4096, generator=gen)},
                    path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         ckpt.write_rng_state(path, rank)
@@ -46,8 +47,17 @@ def make_checkpoint(run_dir: Path, step: int, seed: int = 0, model: bool = True)
     if model:
         cfg = tiny()
         save_model_dir(path / "model", build_transformer(cfg, seed=seed).state_dict(), cfg, provenance={})
-    ckpt.mark_complete(path, {"step": step, "world_size": WORLD, "zero_stage": 2})
+    ckpt.mark_complete(path, {"step": step, "world_size": world, "zero_stage": zero_stage})
     return path
+
+
+def fake_ds_to_universal(calls: list):
+    """Stands in for DeepSpeed's ``ds_to_universal.main``: one file per call, the call recorded."""
+    def convert(args):
+        calls.append(args)
+        (Path(args.output_folder) / "zero").mkdir(parents=True)
+        torch.save({"call": len(calls)}, Path(args.output_folder) / "zero" / "param.pt")
+    return convert
 
 
 def flip_byte(path: Path) -> None:
@@ -194,32 +204,33 @@ def test_pruning_removes_damaged_markers_older_than_the_newest_complete(tmp_path
 def test_a_damaged_universal_checkpoint_is_converted_again(tmp_path, monkeypatch, caplog):
     from deepspeed.checkpoint import ds_to_universal
 
-    calls = []
-
-    def convert(args):  # stands in for DeepSpeed's conversion: one file per call
-        calls.append(args.input_folder)
-        (Path(args.output_folder) / "zero").mkdir(parents=True)
-        torch.save({"call": len(calls)}, Path(args.output_folder) / "zero" / "param.pt")
-
-    monkeypatch.setattr(ds_to_universal, "main", convert)
+    calls: list = []
+    monkeypatch.setattr(ds_to_universal, "main", fake_ds_to_universal(calls))
     path = make_checkpoint(tmp_path, 6)
-    out = ckpt.convert_to_universal(path)
+    assert "has no COMPLETE.json: not converted yet" in ckpt.universal_problem(path)
+    out = ckpt.convert_to_universal(path, workers=3)
+    assert (calls[0].num_extract_workers, calls[0].num_merge_workers) == (3, 3)
+    assert ckpt.universal_problem(path) is None
     assert ckpt.convert_to_universal(path) == out and len(calls) == 1  # whole: reused
     (out / "zero" / "param.pt").write_bytes(b"")
+    assert "param.pt has 0 bytes" in ckpt.universal_problem(path)
     with caplog.at_level("WARNING"):
         ckpt.convert_to_universal(path)
     assert len(calls) == 2 and "param.pt has 0 bytes" in caplog.text
     assert torch.load(out / "zero" / "param.pt", weights_only=True) == {"call": 2}
     assert ckpt.checkpoint_problem(path) is None  # universal/ is not part of the saved files
+    with pytest.raises(UserError, match="workers=0"):
+        ckpt.convert_to_universal(path, workers=0)
 
 
-def _plan(rank: int, world_size: int, run_dir: str, resumes: list[str]) -> list[object]:
-    """plan_resume on this rank for each ``checkpoint.resume``: (step, universal) or the error."""
+def _plan(rank: int, world_size: int, plans: list[tuple[str, str]]) -> list[object]:
+    """plan_resume on this rank for each (run_dir, ``checkpoint.resume``): (step, universal) or
+    the error."""
     from training.engine import DistContext
     from training.trainer import plan_resume
 
     out: list[object] = []
-    for resume in resumes:
+    for run_dir, resume in plans:
         cfg = SimpleNamespace(run_dir=run_dir, checkpoint=SimpleNamespace(resume=resume),
                               train=SimpleNamespace(zero_stage=2))
         try:
@@ -232,19 +243,107 @@ def _plan(rank: int, world_size: int, run_dir: str, resumes: list[str]) -> list[
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ranks_agree_on_the_checkpoint_before_loading(tmp_path):
+def test_ranks_agree_on_the_checkpoint_before_loading(tmp_path, monkeypatch):
     """A damage only rank 1 reads (its share of the CRC checks) moves both ranks to the previous
-    checkpoint; a damaged checkpoint named explicitly stops both with the same line."""
+    checkpoint; a damaged checkpoint named explicitly stops both with the same line. A checkpoint
+    saved on 4 ranks resumes on 2 only from a whole universal conversion; without one (or with a
+    damaged one) both ranks stop at once with the same line naming the offline command."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    run = tmp_path / "run"
     for step in (6, 9, 12):
-        make_checkpoint(tmp_path, step)
-    (tmp_path / "checkpoints" / "step_00000012" / "COMPLETE.json").write_text("")
-    step9 = tmp_path / "checkpoints" / "step_00000009"
+        make_checkpoint(run, step)
+    (run / "checkpoints" / "step_00000012" / "COMPLETE.json").write_text("")
+    step9 = run / "checkpoints" / "step_00000009"
     rank1_file = sorted(step9.glob("*.pt"))[1]  # sorted files, every 2nd from rank 1
     flip_byte(rank1_file)
     assert ckpt.torch_files_problem(step9, 0, 2) is None and ckpt.torch_files_problem(step9, 1, 2)
-    rank0, rank1 = run_on_ranks(_plan, 2, str(tmp_path), ["auto", str(step9)])
+
+    four = tmp_path / "saved-on-4"
+    monkeypatch.setattr(ds_to_universal, "main", fake_ds_to_universal([]))
+    ckpt.convert_to_universal(make_checkpoint(four, 15, model=False, world=4))
+    damaged = ckpt.convert_to_universal(make_checkpoint(four, 18, model=False, world=4))
+    (damaged / "zero" / "param.pt").write_bytes(b"")
+    make_checkpoint(four, 21, model=False, world=4)
+    plans = [(str(run), "auto"), (str(run), str(step9)), (str(four), "auto"),
+             (str(four), "step_00000018"), (str(four), "step_00000015")]
+    rank0, rank1 = run_on_ranks(_plan, 2, plans)
     assert rank0[0] == rank1[0] == (6, False)
     assert rank0[1] == rank1[1] and rank1_file.name in rank0[1] and "CRC" in rank0[1]
+    assert rank0[2:] == rank1[2:]
+    assert rank0[2] == (
+        f"UserError: checkpoint {four}/checkpoints/step_00000021 was saved on 4 ranks with ZeRO stage 2; "
+        "resuming it on 2 ranks needs its universal conversion "
+        f"({four}/checkpoints/step_00000021/universal has no COMPLETE.json: not converted yet, or its "
+        f"conversion did not finish): run `python launcher/checkpoint.py universal {four} --step 21 "
+        "--workers 8` (offline, once), then start this run again")
+    assert "param.pt has 0 bytes" in rank0[3] and f"universal {four} --step 18 --workers 8`" in rank0[3]
+    assert rank0[4] == (15, True)
+
+
+# ------------------------------------------------------------ launcher/checkpoint.py (offline)
+
+def _cli(*argv: str) -> int:
+    from launcher.checkpoint import main
+
+    return main(list(argv))
+
+
+def test_checkpoint_cli_refuses_what_it_cannot_convert(tmp_path, monkeypatch, capsys):
+    from deepspeed.checkpoint import ds_to_universal
+
+    monkeypatch.setattr(ds_to_universal, "main", lambda args: pytest.fail("nothing to convert here"))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert _cli("universal", str(run)) == 2
+    assert "has no complete checkpoint" in capsys.readouterr().err
+    assert _cli("universal", str(tmp_path)) == 2
+    assert "has no checkpoints/ directory" in capsys.readouterr().err
+    assert _cli("universal", str(run), "--step", "3") == 2
+    assert "has no checkpoint of step 3 (steps there: none)" in capsys.readouterr().err
+
+    zero0 = make_checkpoint(tmp_path / "zero0", 3, model=False, zero_stage=0)
+    assert _cli("universal", str(zero0)) == 2
+    err = capsys.readouterr().err
+    assert "saved with ZeRO stage 0" in err and "nothing to convert" in err and err.count("\n") == 1
+
+    make_checkpoint(run, 6, model=False)
+    (make_checkpoint(run, 9, model=False) / OPTIM_1).unlink()
+    assert _cli("universal", str(run), "--step", "9") == 2
+    err = capsys.readouterr().err
+    assert f"cannot convert: step_00000009: {run}/checkpoints/step_00000009/{OPTIM_1} is missing" in err
+    assert _cli("universal", str(run / "checkpoints" / "step_00000006"), "--step", "9") == 2
+    assert "--step 9 contradicts the checkpoint directory" in capsys.readouterr().err
+    assert _cli("universal", str(run), "--workers", "0") == 2
+    assert "--workers 0" in capsys.readouterr().err
+    flip_byte(run / "checkpoints" / "step_00000006" / OPTIM_1)
+    assert _cli("universal", str(run)) == 2
+    err = capsys.readouterr().err
+    assert "step_00000009:" in err and "step_00000006:" in err and "CRC" in err
+
+
+def test_checkpoint_cli_converts_the_newest_whole_checkpoint_once(tmp_path, monkeypatch, capsys, caplog):
+    from deepspeed.checkpoint import ds_to_universal
+
+    calls: list = []
+    monkeypatch.setattr(ds_to_universal, "main", fake_ds_to_universal(calls))
+    run = tmp_path / "run"
+    make_checkpoint(run, 6, model=False)
+    (make_checkpoint(run, 9, model=False) / OPTIM_1).unlink()
+    with caplog.at_level("WARNING"):
+        assert _cli("universal", str(run), "--workers", "3") == 0
+    assert f"step_00000009/{OPTIM_1} is missing" in caplog.text  # skipped, as a resume would
+    assert [(c.input_folder, c.num_extract_workers, c.num_merge_workers) for c in calls] == [
+        (str(run / "checkpoints" / "step_00000006"), 3, 3)]
+    out = capsys.readouterr().out
+    assert "converting step_00000006 (step 6, saved on 2 ranks, ZeRO-2)" in out and "with 3 workers" in out
+    assert ckpt.universal_problem(run / "checkpoints" / "step_00000006") is None
+    assert _cli("universal", str(run), "--step", "6") == 0 and len(calls) == 1
+    assert "already converted" in capsys.readouterr().out
+    assert _cli("list", str(run)) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[:5] == ["6", "2", "2", "whole", "whole"]
+    assert rows[2].split()[:4] == ["9", "2", "2", "-"] and OPTIM_1 in rows[2]
 
 
 # ----------------------------------------------------------------- tools on a run directory

@@ -209,10 +209,25 @@ def test_sigterm_saves_at_next_step_and_exits_zero(token_manifest, reference_run
 
 
 def test_two_ranks_resume_on_one_rank_without_repeating_samples(token_manifest, reference_run, tmp_path):
+    """Through the offline conversion: the resume on 1 rank first stops before training (exit 2,
+    one line naming the command to run), then ``launcher/checkpoint.py universal`` converts the
+    2-rank checkpoint and the same resume continues without repeating a sample."""
     run = tmp_path / "to-one-rank"
     shutil.copytree(reference_run, run)
-    launch(run, token_manifest, f"train.max_steps={STEPS + 4}", "train.grad_accum_steps=2",
-           num_gpus=1, env={"CRUCIBLE_RECORD_SAMPLES": "1"}).check()
+    overrides = (f"train.max_steps={STEPS + 4}", "train.grad_accum_steps=2")
+    refused = launch(run, token_manifest, *overrides, num_gpus=1, env={"CRUCIBLE_RECORD_SAMPLES": "1"})
+    said = refused.stdout + "".join(refused.rank_logs.values())
+    command = f"python launcher/checkpoint.py universal {run} --step {STEPS} --workers 8"
+    assert refused.returncode == 2 and "saved on 2 ranks with ZeRO stage 2; resuming it on 1 ranks" in said \
+        and command in said, refused.describe()
+    assert max(metrics(run)) == STEPS  # nothing trained
+    convert = subprocess.run([str(VENV_BIN / "python"), "launcher/checkpoint.py", "universal", str(run),
+                              "--step", str(STEPS), "--workers", "2"],
+                             cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=240,
+                             check=False)
+    assert convert.returncode == 0 and f"converted step_{STEPS:08d} in" in convert.stdout, \
+        convert.stdout[-3000:] + convert.stderr[-3000:]
+    launch(run, token_manifest, *overrides, num_gpus=1, env={"CRUCIBLE_RECORD_SAMPLES": "1"}).check()
     assert f"step {STEPS}, consumed samples {STEPS * GLOBAL_BATCH}," in resumed_line(run)
     assert "universal checkpoint" in resumed_line(run)
     got = metrics(run)

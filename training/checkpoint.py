@@ -9,8 +9,9 @@ Layout under ``<run_dir>/checkpoints``::
         model/                     model directory (safetensors + config + tokenizer), rank 0
         COMPLETE.json              written by rank 0 after a barrier: every rank has finished;
                                    lists every file of the checkpoint with its size
-        universal/                 DeepSpeed universal checkpoint, made when resuming on
-                                   another number of ranks
+        universal/                 DeepSpeed universal checkpoint, made offline by
+                                   ``launcher/checkpoint.py universal`` to resume on another
+                                   number of ranks (ZeRO 1-3); has its own COMPLETE.json
 
 A directory without ``COMPLETE.json`` is ignored by resume (a crash mid-save) and removed by
 pruning. ``<run_dir>/latest.json`` points at the newest complete checkpoint and its model
@@ -340,18 +341,34 @@ def restore_rng_state(ckpt_dir: Path, rank: int) -> bool:
 
 # ------------------------------------------------------- universal checkpoints, fp32 weights
 
-def convert_to_universal(ckpt_dir: Path) -> Path:
-    """Convert a ZeRO 1-3 checkpoint to DeepSpeed's universal format (rank 0 only).
-
-    Needed to resume on another number of ranks; the result is cached in ``ckpt_dir/universal``
-    and written atomically (temporary folder, then rename).
-    """
+def universal_problem(ckpt_dir: Path) -> str | None:
+    """Why ``ckpt_dir`` has no whole universal conversion (none made yet, or one whose files no
+    longer match its ``COMPLETE.json`` inventory), as one line; None when ``ckpt_dir/universal``
+    is whole. Cheap (file sizes only): every rank of a resume can afford it."""
     out = ckpt_dir / UNIVERSAL
+    if not (out / MARKER).is_file():
+        return f"{out} has no {MARKER}: not converted yet, or its conversion did not finish"
     marker, problem = read_record(out / MARKER)
-    if marker is not None:
-        problem = inventory_problem(out, marker.get("files") or {})
-        if problem is None:
-            return out
+    if marker is None:
+        return problem
+    return inventory_problem(out, marker.get("files") or {})
+
+
+def convert_to_universal(ckpt_dir: Path, workers: int = 1) -> Path:
+    """Convert a ZeRO 1-3 checkpoint to DeepSpeed's universal format, offline (one process;
+    ``launcher/checkpoint.py universal`` runs it), with ``workers`` parallel extract and merge
+    processes (``ds_to_universal``'s ``num_extract_workers`` / ``num_merge_workers``).
+
+    Needed to resume on another number of ranks. The result is cached in ``ckpt_dir/universal``
+    with its own ``COMPLETE.json`` inventory and written atomically (a temporary folder, then a
+    rename): a whole conversion is reused, a damaged one (:func:`universal_problem`) made again.
+    """
+    if workers < 1:
+        raise UserError(f"workers={workers}: the conversion needs at least 1 worker process")
+    out = ckpt_dir / UNIVERSAL
+    problem = universal_problem(ckpt_dir)
+    if problem is None:
+        return out
     if (out / MARKER).is_file():
         log.warning("converting %s again: its universal checkpoint is damaged (%s)", ckpt_dir.name, problem)
     import argparse
@@ -362,12 +379,16 @@ def convert_to_universal(ckpt_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     args = argparse.Namespace(
-        input_folder=str(ckpt_dir), output_folder=str(tmp), num_extract_workers=1,
-        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        input_folder=str(ckpt_dir), output_folder=str(tmp), num_extract_workers=workers,
+        num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=True,
     )
     ds_to_universal.main(args)
     tmp.rename(out)
-    atomic_write_json(out / MARKER, {"source": ckpt_dir.name,
+    # ds_to_universal names its output folder (still the temporary one) in <ckpt_dir>/latest_universal;
+    # the trainer loads with tag=universal and never reads it, but a DeepSpeed tool might
+    if (ckpt_dir / "latest_universal").is_file():
+        (ckpt_dir / "latest_universal").write_text(UNIVERSAL)
+    atomic_write_json(out / MARKER, {"source": ckpt_dir.name, "workers": workers,
                                      "files": file_inventory(out, skip=lambda rel: rel == MARKER)})
     return out
 
