@@ -26,10 +26,10 @@ from model.io import (
     HF_INDEX_FILE,
     HF_WEIGHTS_FILE,
     TOKENIZER_FILES,
-    WEIGHTS_FILE,
     read_hf_dir,
     read_model_config,
     save_model_dir,
+    weight_files,
 )
 
 log = logging.getLogger(__name__)
@@ -47,31 +47,35 @@ def _plan_shards(tensors: list[tuple[str, int]], max_shard_bytes: int) -> list[l
     return shards
 
 
-def _iter_tensors(weights: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(where: dict[str, Path], names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as f:
-        for name in names:
+    for name in names:
+        with safe_open(str(where[name]), framework="pt") as f:
             yield name, f.get_tensor(name)
 
 
-def export_weights(weights: Path, out: Path, cfg: ModelConfig,
+def export_weights(weights: Path | list[Path], out: Path, cfg: ModelConfig,
                    max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> list[str]:
-    """Write our safetensors ``weights`` as Hugging Face named safetensors in ``out``, one
-    shard at a time (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus the
-    index when larger than ``max_shard_bytes``). Returns the files written."""
+    """Write our safetensors ``weights`` (one file, or a model directory's shards) as Hugging
+    Face named safetensors in ``out``, one shard at a time (``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` plus the index when larger than ``max_shard_bytes``).
+    Returns the files written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(weights), framework="pt") as f:
-        sizes = {}
-        for name in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
-            sl = f.get_slice(name)
-            n = 1
-            for d in sl.get_shape():
-                n *= d
-            itemsize = dtype.itemsize if dtype is not None else _ST_ITEMSIZE[sl.get_dtype()]
-            sizes[name] = n * itemsize
+    sizes: dict[str, int] = {}
+    where: dict[str, Path] = {}
+    for file in [weights] if isinstance(weights, Path) else weights:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
+                sl = f.get_slice(name)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                itemsize = dtype.itemsize if dtype is not None else _ST_ITEMSIZE[sl.get_dtype()]
+                sizes[name] = n * itemsize
+                where[name] = file
     if cfg.tie_embeddings:
         sizes.pop("lm_head.weight", None)
     order = sorted(sizes, key=_export_order)
@@ -81,7 +85,7 @@ def export_weights(weights: Path, out: Path, cfg: ModelConfig,
     weight_map: dict[str, str] = {}
     for file, names in zip(files, shards):
         tensors = {}
-        for name, tensor in _iter_tensors(weights, names):
+        for name, tensor in _iter_tensors(where, names):
             tensors[to_hf_key(name)] = tensor.to(dtype) if dtype is not None else tensor
             weight_map[to_hf_key(name)] = file
         with atomic_path(out / file) as tmp:
@@ -160,9 +164,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, max_shard_bytes: int =
     tokenizer files) for the model directory ``model_dir``."""
     model_dir, out = Path(model_dir), Path(out_dir)
     cfg = read_model_config(model_dir)
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise DataError(f"{model_dir} has no {WEIGHTS_FILE}")
+    weights = weight_files(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         cfg = cfg.model_copy(update={"dtype": dtype})

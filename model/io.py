@@ -2,7 +2,9 @@
 
 ::
 
-    model.safetensors      weights, this package's tensor names (a tied output head is stored once)
+    model.safetensors      weights, this package's tensor names (a tied output head is stored once);
+                           above the shard size ``model-0000K-of-0000N.safetensors`` shards plus
+                           ``model.safetensors.index.json`` (Hugging Face's names and index)
     model_config.json      the resolved ModelConfig
     tokenizer.model ...    the tokenizer files (sentencepiece + Hugging Face), copied in
     provenance.json        where the weights came from (code, library versions, config)
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,13 @@ HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
 EXPORTED_CONFIG_FILE = "crucible_model_config.json"
+# Weights above this many bytes are written as several shards (Hugging Face's naming).
+DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+INDEX_FILE = HF_INDEX_FILE
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+Weights = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
 def expected_keys(cfg: ModelConfig) -> list[str]:
@@ -67,39 +78,141 @@ def expected_keys(cfg: ModelConfig) -> list[str]:
     return [k for k in keys if not (cfg.tie_embeddings and k == TIED_KEY)]
 
 
-def _clean_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    sd = dict(state_dict)
-    if cfg.tie_embeddings:
-        sd.pop(TIED_KEY, None)
+def _items(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
+    return iter(weights.items()) if isinstance(weights, Mapping) else iter(weights)
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """The safetensors format written straight from the tensors' memory (``save_file`` makes a
+    bytes copy of every tensor first, doubling a shard's memory)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in tensors:
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model directory: ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` names. A DataError names what is missing."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"cannot read the shard index {index}: {exc}") from None
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise DataError(f"{model_dir / missing[0]} is missing (named by {index})")
+        return [model_dir / n for n in names]
+    if (model_dir / WEIGHTS_FILE).is_file():
+        return [model_dir / WEIGHTS_FILE]
+    raise DataError(f"{model_dir} has no {WEIGHTS_FILE} or {INDEX_FILE}")
+
+
+def load_weights(model_dir: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory's weights (one file or shards)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(model_dir):
+        state.update(load_file(str(file), device=str(device)))
+    return state
+
+
+def write_weights(out: str | Path, weights: Weights, cfg: ModelConfig,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write the weights of a model directory from a mapping or an iterator of ``(name, tensor)``,
+    one shard at a time: ``model.safetensors`` when they fit in ``max_shard_bytes``, else
+    ``model-0000K-of-0000N.safetensors`` plus ``model.safetensors.index.json``. Holds at most one
+    shard plus the next tensor. Names must be this package's (a tied head is dropped); returns
+    the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     want = set(expected_keys(cfg))
-    missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not match the model config: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]} (keys must be this package's parameter names, without a 'module.' prefix)"
-        )
-    return {k: sd[k].detach().to("cpu").contiguous() for k in sorted(sd)}
+    seen: set[str] = set()
+    pending: list[tuple[str, torch.Tensor]] = []
+    pending_bytes = 0
+    written: list[tuple[Path, list[str]]] = []
+    total = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        part = out / f"model-{len(written) + 1:05d}.safetensors.part"
+        _write_safetensors(part, pending)
+        written.append((part, [n for n, _ in pending]))
+        pending, pending_bytes = [], 0
+
+    try:
+        for name, tensor in _items(weights):
+            if cfg.tie_embeddings and name == TIED_KEY:
+                continue
+            if name not in want or name in seen:
+                raise ValueError(f"state dict does not match the model config: unexpected {name!r} (keys "
+                                 "must be this package's parameter names, without a 'module.' prefix)")
+            seen.add(name)
+            tensor = tensor.detach().to("cpu").contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if pending and pending_bytes + nbytes > max_shard_bytes:
+                flush()
+            pending.append((name, tensor))
+            pending_bytes += nbytes
+            total += nbytes
+        missing = sorted(want - seen)
+        if missing:
+            raise ValueError(f"state dict does not match the model config: missing {missing[:5]} (keys "
+                             "must be this package's parameter names, without a 'module.' prefix)")
+        if pending or not written:
+            flush()
+    except BaseException:
+        for part, _ in written:
+            part.unlink(missing_ok=True)
+        raise
+    for stale in [out / WEIGHTS_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    if len(written) == 1:
+        os.replace(written[0][0], out / WEIGHTS_FILE)
+        return [WEIGHTS_FILE]
+    files = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    weight_map = {}
+    for (part, names), file in zip(written, files):
+        os.replace(part, out / file)
+        weight_map.update({n: file for n in names})
+    atomic_write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map},
+                      indent=2, sort_keys=True)
+    return files
 
 
 def save_model_dir(
     path: str | Path,
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Weights | None,
     cfg: ModelConfig,
     tokenizer_dir: str | Path | None = None,
     provenance: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write a model directory: safetensors weights, ``model_config.json``, the tokenizer files
-    found in ``tokenizer_dir`` and ``provenance.json`` (``provenance`` or one made now).
+    """Write a model directory: safetensors weights (see :func:`write_weights`; ``state_dict``
+    a mapping or an iterator of ``(name, tensor)``, or None for every file but the weights),
+    ``model_config.json``, the tokenizer files found in ``tokenizer_dir`` and ``provenance.json``
+    (``provenance`` or one made now).
 
     Every file is written under a temporary name and renamed, so a reader never sees half a file.
     """
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = _clean_state_dict(state_dict, cfg)
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    if state_dict is not None:
+        write_weights(out, state_dict, cfg, max_shard_bytes)
     atomic_write_json(out / CONFIG_FILE, cfg.model_dump(mode="json"), indent=2, sort_keys=False)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
@@ -176,6 +289,8 @@ def find_model_dir(path: str | Path) -> Path:
                         "a Hugging Face Llama directory or a run directory)")
     if is_model_dir(path) or (path / HF_CONFIG_FILE).is_file():
         return path
+    if _unconsolidated(path):
+        return _consolidated(path)
     if is_model_dir(path / MODEL_DIR):
         return _checkpoint_model_dir(path)
     if (path / LATEST).is_file() or (path / CHECKPOINTS).is_dir() or (path / "deepspeed_config.json").is_file():
@@ -184,18 +299,56 @@ def find_model_dir(path: str | Path) -> Path:
 
 
 def _checkpoint_model_problem(ckpt_dir: Path) -> str | None:
-    """Why the model directory of a checkpoint is not whole (one line naming the file), or None:
-    its marker reads, its files have the sizes the marker lists, its config parses."""
+    """Why the model directory of a checkpoint is not whole (one line naming the file), or None.
+    A consolidated one has its own marker listing its files with their sizes; one saved by an
+    older version is listed in the checkpoint's marker; its config parses."""
+    model_dir = ckpt_dir / MODEL_DIR
+    if (model_dir / MARKER).is_file():
+        marker, problem = read_record(model_dir / MARKER)
+        problem = problem if marker is None else inventory_problem(model_dir, marker.get("files") or {})
+        return problem or read_record(model_dir / CONFIG_FILE)[1]
     marker, problem = read_record(ckpt_dir / MARKER)
     if marker is None:
         return problem
-    model_dir = ckpt_dir / MODEL_DIR
     files = marker.get("files")
-    if isinstance(files, dict):  # the marker lists every file of the checkpoint with its size
+    if isinstance(files, dict) and any(rel.startswith(f"{MODEL_DIR}/") for rel in files):
         problem = inventory_problem(ckpt_dir, files, select=lambda rel: rel.startswith(f"{MODEL_DIR}/"))
-    elif not (model_dir / WEIGHTS_FILE).is_file() or (model_dir / WEIGHTS_FILE).stat().st_size == 0:
-        problem = f"{model_dir / WEIGHTS_FILE} is missing or empty"
+    elif isinstance(files, dict):
+        return f"{model_dir} is not consolidated yet"
+    else:
+        try:
+            if any(f.stat().st_size == 0 for f in weight_files(model_dir)):
+                raise DataError(f"{model_dir / WEIGHTS_FILE} is empty")
+        except DataError:
+            problem = f"{model_dir / WEIGHTS_FILE} is missing or empty"
     return problem or read_record(model_dir / CONFIG_FILE)[1]
+
+
+def _consolidated(ckpt_dir: Path) -> Path:
+    """The model directory of a whole checkpoint saved without one: made now from its DeepSpeed
+    files (:mod:`training.consolidate`), or a DataError naming the command when that fails."""
+    from training.consolidate import consolidate_checkpoint
+
+    try:
+        return consolidate_checkpoint(ckpt_dir)
+    except OSError as exc:
+        raise DataError(
+            f"checkpoint {ckpt_dir} has no model directory yet and it cannot be written there "
+            f"({exc.strerror or exc}); run `python launcher/consolidate.py {ckpt_dir} --out <dir>` "
+            "and pass <dir>") from None
+
+
+def _unconsolidated(ckpt_dir: Path) -> bool:
+    """A complete checkpoint whose model directory is left to consolidation (not written yet,
+    or left unfinished by a crash during consolidation)."""
+    from training.consolidate import MODEL_FILES
+
+    marker = read_record(ckpt_dir / MARKER)[0]
+    if marker is None or not (ckpt_dir / MODEL_FILES).is_dir():
+        return False
+    files = marker.get("files")
+    saved_in_marker = isinstance(files, dict) and any(rel.startswith(f"{MODEL_DIR}/") for rel in files)
+    return not saved_in_marker and not (ckpt_dir / MODEL_DIR / MARKER).is_file()
 
 
 def _checkpoint_model_dir(ckpt_dir: Path) -> Path:
@@ -232,8 +385,16 @@ def _run_model_dir(run_dir: Path) -> Path:
         files = marker.get("files") if marker is not None else None
         saved_model = (ckpt_dir / MODEL_DIR).is_dir() or (
             isinstance(files, dict) and any(rel.startswith(f"{MODEL_DIR}/") for rel in files))
+        if _unconsolidated(ckpt_dir):
+            try:
+                return _consolidated(ckpt_dir)
+            except DataError as exc:
+                problem = str(exc)
+                log.warning("skipping checkpoint %s: %s", ckpt_dir.name, problem)
+                skipped.append(f"{ckpt_dir.name}: {problem}")
+                continue
         if marker is not None and not saved_model:
-            continue  # saved with checkpoint.write_model_dir=false
+            continue  # saved by an older version with checkpoint.write_model_dir=false
         problem = _checkpoint_model_problem(ckpt_dir)
         if problem is None:
             return ckpt_dir / MODEL_DIR
@@ -243,8 +404,7 @@ def _run_model_dir(run_dir: Path) -> Path:
         raise DataError(f"{run_dir} has no checkpoint with a whole model directory ({'; '.join(skipped)}); "
                         "pass a model directory, or resume the run to write a new checkpoint")
     raise DataError(f"{run_dir} is a run directory without a complete checkpoint with a model directory "
-                    "yet; wait for the first checkpoint (checkpoint.write_model_dir=true) or pass a "
-                    "model directory")
+                    "yet; wait for the first checkpoint or pass a model directory")
 
 
 def _config_shape(cfg: ModelConfig) -> tuple:
@@ -303,15 +463,12 @@ def read_hf_dir(path: str | Path, device: torch.device | str = "cpu"
 def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, ModelConfig]:
     """Load a model directory (or a Hugging Face Llama directory, or the latest model of a run
     directory: see :func:`find_model_dir`) into a :class:`Transformer`."""
-    from safetensors.torch import load_file
-
     path = find_model_dir(path) if Path(path).is_dir() else Path(path)
     if is_model_dir(path):
         cfg = read_model_config(path)
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise DataError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-        state_dict = load_file(str(weights), device=str(device))
+        if not (path / WEIGHTS_FILE).is_file() and not (path / INDEX_FILE).is_file():
+            raise DataError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE} (or {INDEX_FILE} and its shards)")
+        state_dict = load_weights(path, device)
     elif (path / HF_CONFIG_FILE).is_file():
         cfg, state_dict = read_hf_dir(path, device=device)
     else:

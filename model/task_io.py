@@ -1,6 +1,6 @@
 """Task model directories and their Hugging Face export.
 
-A task model directory is a model directory (the fine-tuned backbone: ``model.safetensors``,
+A task model directory is a model directory (the fine-tuned backbone: ``model.safetensors`` or shards,
 ``model_config.json``, tokenizer files, provenance) plus::
 
     head.safetensors   the head's own parameters (``score.*`` or ``qa_outputs.*``)
@@ -13,7 +13,7 @@ Export writes the matching Hugging Face class (``LlamaForSequenceClassification`
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,15 @@ from model.convert import write_hf_tokenizer
 from model.heads import TaskHead, build_head, head_class
 from model.hf_mapping import to_hf_config, to_hf_state_dict
 from model.io import (
+    DEFAULT_MAX_SHARD_BYTES,
     HF_CONFIG_FILE,
     HF_WEIGHTS_FILE,
-    WEIGHTS_FILE,
+    Weights,
+    load_weights,
     model_from_state_dict,
     read_model_config,
     save_model_dir,
+    write_weights,
 )
 
 TASK_FILE = "task.json"
@@ -49,17 +52,38 @@ def split_head_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict
     return backbone, head
 
 
-def save_task_dir(path: str | Path, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
-                  task: dict[str, Any], tokenizer_dir: str | Path | None = None,
-                  provenance: dict[str, Any] | None = None) -> Path:
-    """Write a task model directory from a head module's (full, fp32) state dict."""
+def write_task_weights(out: str | Path, weights: Weights, cfg: ModelConfig,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """The weights of a task model directory from a head module's (full, fp32) weights, a mapping
+    or an iterator of ``(name, tensor)``: the backbone (``model.*``) streams into its shards one
+    tensor at a time; the head's own tensors are collected for ``head.safetensors``."""
     from safetensors.torch import save_file
 
-    out = Path(path)
-    backbone, head = split_head_state(state_dict)
-    save_model_dir(out, backbone, cfg, tokenizer_dir=tokenizer_dir, provenance=provenance)
+    out = Path(out)
+    head: dict[str, torch.Tensor] = {}
+
+    def backbone() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in (weights.items() if isinstance(weights, Mapping) else weights):
+            if name.startswith("model."):
+                yield name.removeprefix("model."), tensor
+            else:
+                head[name] = tensor.detach().float().cpu().contiguous()
+
+    write_weights(out, backbone(), cfg, max_shard_bytes)
     with atomic_path(out / HEAD_FILE) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, str(tmp))
+        save_file(head, str(tmp))
+
+
+def save_task_dir(path: str | Path, state_dict: Weights | None, cfg: ModelConfig,
+                  task: dict[str, Any], tokenizer_dir: str | Path | None = None,
+                  provenance: dict[str, Any] | None = None,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write a task model directory (:func:`write_task_weights`; ``state_dict`` None: every file
+    but the weights)."""
+    out = Path(path)
+    save_model_dir(out, None, cfg, tokenizer_dir=tokenizer_dir, provenance=provenance)
+    if state_dict is not None:
+        write_task_weights(out, state_dict, cfg, max_shard_bytes)
     atomic_write_json(out / TASK_FILE, task, indent=2, sort_keys=True)
     return out
 
@@ -79,7 +103,7 @@ def load_task_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple
     path = Path(path)
     task = read_task(path)
     cfg = read_model_config(path)
-    backbone = model_from_state_dict(cfg, load_file(str(path / WEIGHTS_FILE), device=str(device)), device)
+    backbone = model_from_state_dict(cfg, load_weights(path, device), device)
     head = build_head(task["kind"], backbone, len(task.get("labels") or []) or 1, task["pad_id"],
                       task.get("problem_type", "single_label"))
     head_state = load_file(str(path / HEAD_FILE), device=str(device))
@@ -111,7 +135,7 @@ def export_task_hf(task_dir: str | Path, out_dir: str | Path) -> Path:
     task = read_task(task_dir)
     head_type = head_class(task["kind"])
     cfg = read_model_config(task_dir)
-    state = {f"model.{k}": v for k, v in load_file(str(task_dir / WEIGHTS_FILE)).items()}
+    state = {f"model.{k}": v for k, v in load_weights(task_dir).items()}
     state.update(load_file(str(task_dir / HEAD_FILE)))
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in to_hf_task_state_dict(state, cfg, task["kind"]).items()}

@@ -1,0 +1,362 @@
+"""Streaming consolidation: the full fp32 weights of a DeepSpeed checkpoint, one tensor at a time.
+
+A save writes each rank's shards and the client state only; the model directory
+(:mod:`model.io`) is made from those files afterwards, by :func:`consolidate_checkpoint`, at
+the end of a run, after each save (``checkpoint.write_model_dir=every_save``), on demand
+(:func:`model.io.find_model_dir`) or by ``launcher/consolidate.py``.
+
+How the files are read: DeepSpeed's ``*.pt`` files are zip archives whose tensor storages are
+stored uncompressed. Each file's structure is loaded without its data (``torch.load`` with
+``weights_only=True`` under ``FakeTensorMode``, with inert stand-ins for the three DeepSpeed
+classes the optimizer files name), which gives every tensor's byte offset in the file; then
+exactly the bytes of one parameter's fragment are read from each rank's file into a tensor
+allocated for that parameter. Nothing is unpickled beyond plain containers, nothing is
+memory-mapped (mapped pages would count in the resident memory and stay cached), and the extra
+memory is one full parameter at a time.
+
+Layouts read (DeepSpeed 0.19; ``deepspeed/utils/zero_to_fp32.py`` and
+``deepspeed/checkpoint/ds_to_universal.py`` describe them):
+
+* ZeRO 1/2 (``zero_pp_rank_R_mp_rank_00_optim_states.pt``) and DeepSpeed's BF16_Optimizer
+  (``bf16_zero_pp_rank_R_...``, bf16 with ZeRO 1): per parameter group, every rank holds one
+  equal-sized fp32 partition of the group's flat buffer; ``param_slice_mappings`` gives, per
+  rank, each parameter fragment's start and length in that partition. The fragment's place in
+  the parameter follows from the rank's partition offset.
+* ZeRO 3 (``fp32_flat_groups``): each parameter is split into ``ceil(numel / world)`` elements
+  per rank (the last padded), laid end to end in the rank's flat groups in ``param_shapes``
+  order.
+* ZeRO 0 (``mp_rank_00_model_states.pt`` alone): the module's weights as trained.
+
+Frozen parameters come from the model states file(s); tied parameters (DeepSpeed's
+``shared_params``) appear once, under the name that owns the storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crucible.errors import DataError
+from crucible.fileio import atomic_write_json
+from crucible.run_layout import MARKER, MODEL_DIR, file_inventory, inventory_problem, read_record
+
+log = logging.getLogger("crucible.training.consolidate")
+
+# The non-weight files of the model directory (config, tokenizer, provenance, task.json), written
+# by rank 0 at every save; consolidation copies them beside the weights.
+MODEL_FILES = "model_files"
+DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+
+_OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+_ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+_MODEL_STATES = "mp_rank_00_model_states.pt"
+# Classes DeepSpeed pickles into its optimizer files; replaced by an inert record on reading.
+_DEEPSPEED_CLASSES = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+)
+
+
+class _Record:
+    """Inert stand-in for a DeepSpeed class in a checkpoint: keeps its arguments and state."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+        self.state: dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state if isinstance(state, dict) else {"value": state}
+
+
+def _structure(path: Path) -> dict[str, Any]:
+    """The objects of a ``torch.save`` file with fake tensors (shape, dtype, place in the file)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with torch.serialization.safe_globals([(_Record, name) for name in _DEEPSPEED_CLASSES]), \
+                FakeTensorMode():
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure to parse names the file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot read the structure of {path}: {first}; is it a DeepSpeed checkpoint "
+                        "file written by this project (DeepSpeed 0.19)?") from None
+
+
+@dataclass
+class _Slice:
+    """``numel`` elements of a stored tensor starting at element ``start``."""
+
+    path: Path
+    byte_offset: int  # of element 0 of the tensor in the file
+    dtype: torch.dtype
+    start: int
+    numel: int
+
+
+def _stored(path: Path, tensor: torch.Tensor) -> _Slice:
+    storage = tensor.untyped_storage()
+    offset = getattr(storage, "_checkpoint_offset", None)
+    if offset is None:
+        raise DataError(f"{path}: this torch ({torch.__version__}) does not report where a tensor "
+                        "lies in a checkpoint file; consolidate with torch >= 2.5")
+    return _Slice(path, offset + tensor.storage_offset() * tensor.element_size(), tensor.dtype, 0,
+                  tensor.numel())
+
+
+@dataclass
+class _Files:
+    """Open files, read by exact byte ranges."""
+
+    handles: dict[Path, Any] = field(default_factory=dict)
+    bytes_read: int = 0
+
+    def read_into(self, piece: _Slice, out: torch.Tensor) -> None:
+        """Fill the flat fp32 tensor ``out`` (``piece.numel`` elements) from the file."""
+        handle = self.handles.get(piece.path)
+        if handle is None:
+            handle = self.handles[piece.path] = open(piece.path, "rb")  # noqa: SIM115 - closed in close()
+        itemsize = torch.empty((), dtype=piece.dtype).element_size()
+        target = out if piece.dtype == out.dtype else torch.empty(piece.numel, dtype=piece.dtype)
+        view = memoryview(target.view(torch.uint8).numpy())
+        handle.seek(piece.byte_offset + piece.start * itemsize)
+        got = handle.readinto(view)
+        if got != piece.numel * itemsize:
+            raise DataError(f"{piece.path} is truncated: {got} of {piece.numel * itemsize} bytes at "
+                            f"offset {piece.byte_offset + piece.start * itemsize}")
+        self.bytes_read += got
+        if target is not out:
+            out.copy_(target)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+
+@dataclass
+class _Param:
+    name: str
+    shape: tuple[int, ...]
+    pieces: list[tuple[int, _Slice]]  # (element offset in the full parameter, slice)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _shapes(model_states: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
+    return [{name: tuple(shape) for name, shape in group.items()}
+            for group in model_states.get("param_shapes") or []]
+
+
+def _frozen_zero12(path: Path, model_states: dict[str, Any]) -> list[_Param]:
+    shapes = model_states.get("frozen_param_shapes") or {}
+    fragments = model_states.get("frozen_param_fragments") or {}
+    return [_Param(name, tuple(shape), [(0, _stored(path, fragments[name]))]) for name, shape in shapes.items()]
+
+
+def _plan_partitioned(ckpt_dir: Path, files: dict[int, Path], model_states: dict[str, Any]) -> list[_Param]:
+    """ZeRO 1/2 and BF16_Optimizer: fragments from each rank's ``param_slice_mappings``."""
+    ranks = sorted(files)
+    states = {r: _structure(files[r])["optimizer_state_dict"] for r in ranks}
+    shapes = _shapes(model_states)
+    params: list[_Param] = []
+    for g, group_shapes in enumerate(shapes):
+        fragments: dict[str, list[tuple[int, _Slice]]] = {}
+        for r in ranks:
+            state = states[r]
+            mappings = state.get("param_slice_mappings")
+            if mappings is None:
+                raise DataError(f"{files[r]} has no param_slice_mappings (written by a DeepSpeed "
+                                "older than 0.10?); consolidate it with DeepSpeed's zero_to_fp32.py")
+            partition = state["single_partition_of_fp32_groups"][g]
+            for name, address in mappings[g].items():
+                start, numel = int(address.state["start"]), int(address.state["numel"])
+                piece = _stored(files[r], partition)
+                piece.start, piece.numel = start, numel
+                fragments.setdefault(name, []).append((r * partition.numel() + start, piece))
+        for name, shape in group_shapes.items():
+            found = sorted(fragments.get(name, []), key=lambda item: item[0])
+            if not found:
+                raise DataError(f"{ckpt_dir}: no rank's optimizer file holds parameter {name}")
+            first = found[0][0]
+            params.append(_Param(name, shape, [(pos - first, piece) for pos, piece in found]))
+    return params + _frozen_zero12(ckpt_dir / _MODEL_STATES, model_states)
+
+
+class _FlatSegments:
+    """One rank's ZeRO-3 flat groups, addressed as one concatenated buffer."""
+
+    def __init__(self, path: Path, groups: list[torch.Tensor]) -> None:
+        self.parts = [_stored(path, t) for t in groups]
+        self.numel = sum(p.numel for p in self.parts)
+
+    def pieces(self, start: int, numel: int) -> Iterator[tuple[int, _Slice]]:
+        """(offset in the requested range, slice) covering ``numel`` elements from ``start``."""
+        base, done = 0, 0
+        for part in self.parts:
+            lo, hi = max(start + done, base), min(start + numel, base + part.numel)
+            if lo < hi:
+                yield done, _Slice(part.path, part.byte_offset, part.dtype, lo - base, hi - lo)
+                done += hi - lo
+            base += part.numel
+        if done != numel:
+            raise DataError(f"{self.parts[0].path}: the flat groups end before element {start + numel}")
+
+
+def _plan_zero3(ckpt_dir: Path, files: dict[int, Path], model_files: dict[int, Path]) -> list[_Param]:
+    """ZeRO 3: per-parameter partitions of ``ceil(numel / world)`` elements on every rank."""
+    world = len(files)
+    flats = {r: _FlatSegments(files[r], _structure(files[r])["optimizer_state_dict"]["fp32_flat_groups"])
+             for r in sorted(files)}
+    model_states = {r: _structure(model_files[r]) for r in sorted(model_files)}
+    params: list[_Param] = []
+    offset = 0
+    for group in _shapes(model_states[0]):
+        for name, shape in group.items():
+            numel = math.prod(shape)
+            per_rank = math.ceil(numel / world)
+            pieces: list[tuple[int, _Slice]] = []
+            for r in range(world):
+                take = max(0, min(per_rank, numel - r * per_rank))
+                if take:
+                    pieces += [(r * per_rank + at, piece) for at, piece in flats[r].pieces(offset, take)]
+            params.append(_Param(name, shape, pieces))
+            offset += per_rank
+    for name, shape in (model_states[0].get("frozen_param_shapes") or {}).items():
+        numel = math.prod(shape)
+        per_rank = math.ceil(numel / world)
+        pieces = []
+        for r in range(world):
+            take = max(0, min(per_rank, numel - r * per_rank))
+            if take:
+                piece = _stored(model_files[r], model_states[r]["frozen_param_fragments"][name])
+                piece.numel = take
+                pieces.append((r * per_rank, piece))
+        params.append(_Param(name, tuple(shape), pieces))
+    return params
+
+
+def _plan_module(path: Path, model_states: dict[str, Any]) -> list[_Param]:
+    """ZeRO 0: the module's own weights (a tied one once)."""
+    shared = set((model_states.get("shared_params") or {}).keys())
+    return [_Param(name, tuple(t.shape), [(0, _stored(path, t))])
+            for name, t in model_states["module"].items() if name not in shared]
+
+
+def plan(ckpt_dir: str | Path) -> list[_Param]:
+    """Where every parameter's bytes lie in the checkpoint's files (reads structures only)."""
+    ckpt_dir = Path(ckpt_dir)
+    optim: dict[int, Path] = {}
+    for path in ckpt_dir.glob("*_optim_states.pt"):
+        m = _OPTIM_RE.match(path.name)
+        if m:
+            optim[int(m.group(2))] = path
+    zero3_models = {int(m.group(1)): p for p in ckpt_dir.glob("zero_pp_rank_*_model_states.pt")
+                    if (m := _ZERO3_MODEL_RE.match(p.name))}
+    if optim and sorted(optim) != list(range(len(optim))):
+        raise DataError(f"{ckpt_dir}: optimizer files of ranks {sorted(optim)} (expected 0..{len(optim) - 1}); "
+                        "a rank's file is missing")
+    if zero3_models:
+        if sorted(zero3_models) != sorted(optim):
+            raise DataError(f"{ckpt_dir}: ZeRO-3 model states of ranks {sorted(zero3_models)} but optimizer "
+                            f"files of ranks {sorted(optim)}; a rank's file is missing")
+        return _plan_zero3(ckpt_dir, optim, zero3_models)
+    model_path = ckpt_dir / _MODEL_STATES
+    if not model_path.is_file():
+        raise DataError(f"{ckpt_dir} holds no DeepSpeed model states file ({_MODEL_STATES}); pass a "
+                        "checkpoint directory (<run_dir>/checkpoints/step_NNNNNNNN)")
+    model_states = _structure(model_path)
+    if optim:
+        return _plan_partitioned(ckpt_dir, optim, model_states)
+    return _plan_module(model_path, model_states)
+
+
+def iter_fp32_weights(ckpt_dir: str | Path, stats: dict[str, int] | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full fp32 tensor)`` for every parameter of a DeepSpeed checkpoint, one at a time,
+    each read from exactly its bytes in the ranks' files; ``stats`` (if given) receives
+    ``bytes_read`` and ``largest_tensor_bytes``."""
+    params = plan(ckpt_dir)
+    files = _Files()
+    try:
+        for param in params:
+            full = torch.empty(param.numel, dtype=torch.float32)
+            covered = 0
+            for at, piece in param.pieces:
+                if at < 0 or at + piece.numel > param.numel:
+                    raise DataError(f"{piece.path}: a fragment of {param.name} lies outside its "
+                                    f"{param.numel} elements")
+                files.read_into(piece, full[at: at + piece.numel])
+                covered += piece.numel
+            if covered != param.numel:
+                raise DataError(f"{ckpt_dir}: the ranks' files hold {covered} of the {param.numel} "
+                                f"elements of {param.name}")
+            if stats is not None:
+                stats["largest_tensor_bytes"] = max(stats.get("largest_tensor_bytes", 0), full.nbytes)
+            yield param.name, full.view(param.shape)
+    finally:
+        if stats is not None:
+            stats["bytes_read"] = files.bytes_read
+        files.close()
+
+
+# ---------------------------------------------------------------- the model directory
+
+def model_dir_problem(model_dir: Path) -> str | None:
+    """Why a consolidated model directory is not whole (one line), or None: its own marker reads
+    and lists every file with its size."""
+    marker, problem = read_record(model_dir / MARKER)
+    if marker is None:
+        return problem
+    return inventory_problem(model_dir, marker.get("files") or {})
+
+
+def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path | None = None,
+                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write the model directory of a checkpoint (default ``<ckpt>/model``) from its DeepSpeed
+    files and its ``model_files`` (config, tokenizer, provenance, task.json), one output shard at
+    a time; returns it. Extra memory: the largest tensor plus one output shard.
+
+    Written under ``<out>.tmp`` and renamed, then given its own ``COMPLETE.json`` listing its
+    files (the checkpoint's marker is left as it is). A whole one already there is kept.
+    """
+    from model.io import read_model_config, write_weights
+    from model.task_io import is_task_dir, write_task_weights
+
+    ckpt_dir = Path(ckpt_dir)
+    out = Path(out) if out is not None else ckpt_dir / MODEL_DIR
+    if out.is_dir() and model_dir_problem(out) is None:
+        return out
+    files_dir = ckpt_dir / MODEL_FILES
+    if not (files_dir / "model_config.json").is_file():
+        raise DataError(f"{ckpt_dir} has no {MODEL_FILES}/model_config.json (saved by an older version, "
+                        "or not a checkpoint directory); pass a checkpoint directory written by this "
+                        "project, or a run directory")
+    start = time.perf_counter()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(files_dir, tmp)
+    cfg = read_model_config(files_dir)
+    stats: dict[str, int] = {}
+    write = write_task_weights if is_task_dir(files_dir) else write_weights
+    write(tmp, iter_fp32_weights(ckpt_dir, stats), cfg, max_shard_bytes)
+    atomic_write_json(tmp / MARKER, {"source": ckpt_dir.name,
+                                     "files": file_inventory(tmp, skip=lambda rel: rel == MARKER)})
+    if out.exists():
+        shutil.rmtree(out)  # a damaged or unfinished one
+    os.replace(tmp, out)
+    log.info("consolidated %s into %s in %.2f s (%.1f MB read)", ckpt_dir, out,
+             time.perf_counter() - start, stats.get("bytes_read", 0) / 1e6)
+    return out
