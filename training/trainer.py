@@ -97,7 +97,9 @@ def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None,
     checkpoint_problem`), the ranks share the CRC check of its torch files, and the newest one
     no rank found a problem with is used; a damaged one is skipped with a warning naming the
     file (:func:`training.checkpoint.select_checkpoint`). Errors reach every rank as the same
-    one-line :class:`UserError`, never as a failed collective on the others.
+    one-line :class:`UserError`, never as a failed collective on the others. A checkpoint that
+    needs the universal format is used only once ``launcher/checkpoint.py universal`` has
+    converted it (whole); without that every rank stops at once with the command to run.
     """
     resume = cfg.checkpoint.resume
     candidates, error = None, None
@@ -128,19 +130,17 @@ def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None,
             f"{saved_world} ranks; resuming on {ctx.world_size} ranks needs train.zero_stage >= 1"
         )
     if universal:
-        failed: str | None = None
-        if ctx.rank == 0:
-            log.info("checkpoint %s was saved on %d ranks, resuming on %d: converting to a universal "
-                     "checkpoint", info.tag, saved_world, ctx.world_size)
-            try:
-                ckpt.convert_to_universal(info.path)
-            except Exception as exc:
-                broadcast_object(f"{type(exc).__name__}: {exc}")
-                raise  # not a damaged file (those were checked): a bug, with its traceback here
-        failed = broadcast_object(failed)
-        if failed:
-            raise UserError(f"rank 0 could not convert checkpoint {info.path} to a universal "
-                            f"checkpoint ({failed}); its log has the details")
+        # the conversion reads and writes every optimizer shard (12 bytes a parameter, ~840 GB
+        # for 70B), far past any collective timeout: an offline command, never run here; every
+        # rank stops with the same line naming it
+        problem = broadcast_object(ckpt.universal_problem(info.path) if ctx.rank == 0 else None)
+        if problem:
+            raise UserError(
+                f"checkpoint {info.path} was saved on {saved_world} ranks with ZeRO stage "
+                f"{info.marker.get('zero_stage')}; resuming it on {ctx.world_size} ranks needs its "
+                f"universal conversion ({problem}): run `python launcher/checkpoint.py universal "
+                f"{cfg.run_dir} --step {info.step} --workers 8` (offline, once), then start this run again"
+            )
     barrier()
     return info, universal
 
@@ -199,6 +199,7 @@ class Trainer:
         self.plan = resolve_batch(cfg.train, ctx.world_size)
         self.data = step_module.prepare(self.plan)
         self.resume_from, universal = plan_resume(cfg, ctx) if checkpoints else (None, False)
+        self.last_saved: Path | None = None  # the checkpoint this process saved last
         self.startup.mark("data and resume plan")
         if self.resume_from is not None:
             ckpt.check_compatible(ckpt.read_trainer_state(self.resume_from.path),
