@@ -81,8 +81,9 @@ def _regression_step(cfg, ctx):
             return {"val/loss": float(self.evaluations)}
 
         def save_model_dir(self, out: Path, state_dict) -> None:
+            assert state_dict is None  # a save writes the model directory's files but the weights
             out.mkdir(parents=True, exist_ok=True)
-            (out / "weights.json").write_text(json.dumps({k: v.tolist() for k, v in state_dict.items()}))
+            (out / "workload.json").write_text(json.dumps({"kind": "regression"}))
 
     return RegressionStep()
 
@@ -131,7 +132,7 @@ def _train(rank: int, world_size: int, run_dir: str, overrides: list[str], stop_
                                              "train.micro_batch_size=2", "train.grad_accum_steps=2",
                                              "train.eval_every=2", "checkpoint.every=2", "log.tensorboard=false",
                                              "optim.lr=0.1", "optim.weight_decay=0", "schedule.kind=constant",
-                                             *overrides])
+                                             "checkpoint.write_model_dir=never", *overrides])
     ctx = DistContext(rank, world_size, rank, torch.device("cpu"))
     recorder = _recorder(stop_at)
     losses: list[float] = []
@@ -168,11 +169,15 @@ def test_loop_events_stop_and_resume(tmp_path):
         ]
         assert result["data"] == {"position": 3 * 2}  # micro batches drawn by this rank
     assert first[0]["losses"] == first[1]["losses"]  # the loss is reduced over ranks
-    # the step module wrote its model directory, and training moved the weights to the target
+    # the step module wrote its model files, and training moved the weights (read from the
+    # checkpoint's shards) to the target
     import torch
 
-    weights = Path(run_dir) / "checkpoints" / "step_00000003" / "model" / "weights.json"
-    trained = torch.tensor(json.loads(weights.read_text())["weight"])
+    from training.consolidate import iter_fp32_weights
+
+    ckpt = Path(run_dir) / "checkpoints" / "step_00000003"
+    assert json.loads((ckpt / "model_files" / "workload.json").read_text()) == {"kind": "regression"}
+    trained = dict(iter_fp32_weights(ckpt))["weight"]
     torch.manual_seed(0)
     initial = torch.nn.Linear(4, 1, bias=False).weight.detach()
     target = torch.tensor([[1.0, 2.0, 3.0, 4.0]])

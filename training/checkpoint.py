@@ -6,9 +6,12 @@ Layout under ``<run_dir>/checkpoints``::
         trainer_state.json         client state: step, consumed samples/tokens, loader state,
                                    model config, tokenizer + manifest checksums, world size
         rng_rank<R>.json           each rank's RNG states
-        model/                     model directory (safetensors + config + tokenizer), rank 0
+        model_files/               the model directory's files but the weights (config,
+                                   tokenizer, provenance, task.json), rank 0
         COMPLETE.json              written by rank 0 after a barrier: every rank has finished;
                                    lists every file of the checkpoint with its size
+        model/                     model directory, consolidated from the files above after the
+                                   save (:mod:`training.consolidate`), with its own COMPLETE.json
         universal/                 DeepSpeed universal checkpoint, made offline by
                                    ``launcher/checkpoint.py universal`` to resume on another
                                    number of ranks (ZeRO 1-3); has its own COMPLETE.json
@@ -54,6 +57,7 @@ from crucible.run_layout import (
     step_of,
     zip_problem,
 )
+from training.consolidate import MODEL_FILES  # noqa: F401 - part of the checkpoint layout
 
 log = logging.getLogger("crucible.training.checkpoint")
 
@@ -240,14 +244,41 @@ def mark_complete(ckpt_dir: Path, info: dict[str, Any]) -> None:
     """Write the completion marker, listing every file of the checkpoint with its size, then
     ``latest.json`` with paths relative to the run directory; call on rank 0 only, after a
     barrier over all ranks (every rank's files are written)."""
-    files = file_inventory(ckpt_dir, skip=lambda rel: rel == MARKER or rel.split("/")[0] == UNIVERSAL)
+    made_later = (MARKER, UNIVERSAL, MODEL_DIR, MODEL_DIR + ".tmp")
+    files = file_inventory(ckpt_dir, skip=lambda rel: rel == MARKER or rel.split("/")[0] in made_later)
     atomic_write_json(ckpt_dir / MARKER, {**info, "files": files})
+    write_latest(ckpt_dir, info.get("step"))
+
+
+def write_latest(ckpt_dir: Path, step: int | None) -> None:
+    """``latest.json`` of the run: this checkpoint, and its model directory once consolidated
+    (paths relative to the run directory)."""
     model_dir = ckpt_dir / MODEL_DIR
     atomic_write_json(
         ckpt_dir.parent.parent / LATEST,
-        {"tag": ckpt_dir.name, "step": info.get("step"), "checkpoint": f"{CHECKPOINTS}/{ckpt_dir.name}",
-         "model_dir": f"{CHECKPOINTS}/{ckpt_dir.name}/{MODEL_DIR}" if model_dir.is_dir() else None},
+        {"tag": ckpt_dir.name, "step": step, "checkpoint": f"{CHECKPOINTS}/{ckpt_dir.name}",
+         "model_dir": f"{CHECKPOINTS}/{ckpt_dir.name}/{MODEL_DIR}" if (model_dir / MARKER).is_file() else None},
     )
+
+
+def consolidate_model_dir(ckpt_dir: Path) -> Path | None:
+    """Rank 0 after a save: the checkpoint's model directory from the files just written
+    (:func:`training.consolidate.consolidate_checkpoint`, no collective), then ``latest.json``
+    names it if this is still the newest checkpoint. A failure is logged, not raised: the
+    checkpoint itself is whole, and ``launcher/consolidate.py`` or any reader of the run
+    directory makes the model directory later."""
+    from training.consolidate import consolidate_checkpoint
+
+    try:
+        out = consolidate_checkpoint(ckpt_dir)
+    except Exception as exc:  # noqa: BLE001 - the checkpoint stays usable; say why and how to retry
+        log.error("could not write the model directory of %s (%s: %s); the checkpoint is whole: run "
+                  "`python launcher/consolidate.py %s` to write it", ckpt_dir, type(exc).__name__, exc, ckpt_dir)
+        return None
+    latest, _ = read_record(ckpt_dir.parent.parent / LATEST)
+    if latest is not None and latest.get("tag") == ckpt_dir.name:
+        write_latest(ckpt_dir, latest.get("step"))
+    return out
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
@@ -339,7 +370,7 @@ def restore_rng_state(ckpt_dir: Path, rank: int) -> bool:
     return True
 
 
-# ------------------------------------------------------- universal checkpoints, fp32 weights
+# ------------------------------------------------------------------ universal checkpoints
 
 def universal_problem(ckpt_dir: Path) -> str | None:
     """Why ``ckpt_dir`` has no whole universal conversion (none made yet, or one whose files no
@@ -391,24 +422,3 @@ def convert_to_universal(ckpt_dir: Path, workers: int = 1) -> Path:
     atomic_write_json(out / MARKER, {"source": ckpt_dir.name, "workers": workers,
                                      "files": file_inventory(out, skip=lambda rel: rel == MARKER)})
     return out
-
-
-def full_fp32_state_dict(module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
-    """The full fp32 weights of a DeepSpeed engine's module, on the host of the rank that
-    ``keep``s them (the others get None); every rank must call it (a collective per parameter).
-
-    The fp32 master weights come from the optimizer's partitions (ZeRO 1-3, and DeepSpeed's
-    BF16_Optimizer, whose checkpoint files ``zero_to_fp32`` cannot read); without ZeRO and mixed
-    precision the module holds them. Parameters are gathered one at a time, so no rank but the
-    keeper holds more than one full parameter. Tied parameters appear once.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        if full is None:
-            full = param.detach()
-        if keep:
-            state[name] = full.float().cpu().contiguous()
-    return state if keep else None

@@ -249,10 +249,17 @@ def _plan_zero3(ckpt_dir: Path, files: dict[int, Path], model_files: dict[int, P
 
 
 def _plan_module(path: Path, model_states: dict[str, Any]) -> list[_Param]:
-    """ZeRO 0: the module's own weights (a tied one once)."""
+    """ZeRO 0: the module's own weights; a tied one (the same bytes under a second name) once."""
     shared = set((model_states.get("shared_params") or {}).keys())
-    return [_Param(name, tuple(t.shape), [(0, _stored(path, t))])
-            for name, t in model_states["module"].items() if name not in shared]
+    params, seen = [], set()
+    for name, t in model_states["module"].items():
+        piece = _stored(path, t)
+        where = (piece.byte_offset, tuple(t.shape), t.stride(), t.dtype)
+        if name in shared or where in seen:
+            continue
+        seen.add(where)
+        params.append(_Param(name, tuple(t.shape), [(0, piece)]))
+    return params
 
 
 def plan(ckpt_dir: str | Path) -> list[_Param]:
