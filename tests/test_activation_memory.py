@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+from crucible.config import load_config
 from model.config import ModelConfig
 from model.memory import estimate_activation_memory, measure_activation_memory
 from model.transformer import Block, build_transformer
@@ -99,3 +104,52 @@ def test_estimate_names_the_phase_and_counts_recomputed_blocks():
     assert estimate_activation_memory(cfg, BATCH, SEQ, 2, 0, checkpoint_every=3).peak_phase == "loss backward"
     with pytest.raises(ValueError, match="dtype_bytes"):
         estimate_activation_memory(cfg, BATCH, SEQ, 8, 0)
+
+
+# ---------------------------------------------------------------- --dry-run
+
+@pytest.fixture(scope="module")
+def token_manifest(tmp_path_factory) -> Path:
+    from tests.datasets import shared_token_dataset
+
+    return shared_token_dataset(tmp_path_factory)
+
+
+def test_dry_run_prints_activations_total_and_checkpoint_bytes_per_rank(capsys, token_manifest):
+    from launcher.pretrain import main
+    from model.flops import num_params
+    from training.config import PretrainConfig
+    from training.steps.language_model import model_config_for
+
+    args = ["model.activation_checkpointing=2", f"data.manifests=[{token_manifest},{token_manifest}]"]
+    assert main(["--config", "configs/pretrain/gpu_7b_zero3.yaml", "--dry-run", "--world-size", "16", *args]) == 0
+    out = capsys.readouterr().out
+    recipe = load_config(PretrainConfig, "configs/pretrain/gpu_7b_zero3.yaml", args)
+    model = model_config_for(recipe, 512, 64)  # the shards' vocabulary and seq_len
+    est = estimate_activation_memory(model, 4, 64, 2, recipe.train.loss_chunk_tokens, 2)
+    assert "micro batch 4 x 64 tokens (the shards' seq_len), bf16" in out
+    assert f"checkpointing every 2-th block from block 0: {math.ceil(model.n_layers / 2)} of 32 blocks" in out
+    assert f"{est.peak_bytes / 1024**3:8.2f} GiB at the peak ({est.peak_phase})" in out
+    state = float(re.search(r"([\d.]+) GiB per GPU.*<- this plan", out).group(1))
+    total = re.search(r"total per GPU for this plan: ([\d.]+) GiB model state \+ ([\d.]+) GiB activations = ([\d.]+)", out)
+    assert float(total.group(1)) == state and float(total.group(3)) == pytest.approx(state + est.peak_bytes / 1024**3, abs=0.01)
+    # ZeRO-3 on 16 ranks: every rank writes 12 bytes per parameter / 16 and its norm gains
+    shard = math.ceil(num_params(model) / 16) * 12 + (2 * 32 + 1) * model.dim * 2
+    assert f"rank 0: {shard / 1024**3:8.2f} GiB ({shard:,} bytes)" in out
+    assert f"other ranks: {shard / 1024**3:8.2f} GiB ({shard:,} bytes)" in out
+    assert "timed at 1 GB/s per rank, an assumed default" in out
+
+
+def test_checkpoint_bytes_follow_the_zero_stage():
+    from training.config import TrainConfig
+    from training.dry_run import checkpoint_bytes_per_rank
+
+    model, params = _config(), 1_000_000
+    stage2 = checkpoint_bytes_per_rank(TrainConfig(zero_stage=2, precision="bf16"), model, params, 4, False)
+    assert stage2 == {"rank 0": {"optimizer shard": 3_000_000, "module weights (bf16)": 2_000_000},
+                      "other ranks": {"optimizer shard": 3_000_000}}
+    with_model_dir = checkpoint_bytes_per_rank(TrainConfig(zero_stage=3, precision="bf16"), model, params, 4, True)
+    assert with_model_dir["rank 0"]["model directory (fp32 safetensors)"] == 4_000_000
+    assert "model directory (fp32 safetensors)" not in with_model_dir["other ranks"]
+    single = checkpoint_bytes_per_rank(TrainConfig(zero_stage=0, precision="fp32"), model, params, 1, False)
+    assert single == {"rank 0": {"module weights + whole optimizer state": 12_000_000}, "other ranks": {}}

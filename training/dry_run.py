@@ -1,6 +1,7 @@
 """``--dry-run`` of pretraining: validate the recipe, check its data, print the generated DeepSpeed
-config and the model-state memory per GPU from DeepSpeed's own estimators; no process group, no
-training.
+config, the model-state memory per GPU from DeepSpeed's own estimators, the activation memory per
+GPU (:mod:`model.memory`) and the bytes each rank writes per checkpoint save; no process group,
+no training.
 
 It plans for ``--world-size`` GPUs, else the launcher's ``WORLD_SIZE``, else the count the recipe
 was written for (:func:`training.deepspeed_config.planned_world_size`). The whole plan is printed
@@ -20,9 +21,10 @@ from crucible.errors import ConfigError, DataError, UserError
 from crucible.runtime import env_rank
 from data_pipeline.loader.base import load_sources
 from data_pipeline.shards.manifest import is_url
-from model.config import resolve_model_config
+from model.config import ModelConfig, resolve_model_config
 from model.flops import num_params
-from training.config import PretrainConfig
+from model.memory import estimate_activation_memory
+from training.config import PretrainConfig, TrainConfig
 from training.deepspeed_config import (
     build_deepspeed_config,
     estimate_memory_per_gpu,
@@ -41,6 +43,81 @@ class DataSummary:
     train_samples: int
     train_tokens: int
     missing_shards: list[str]
+
+
+GIB = 1024**3
+DEFAULT_WRITE_GBPS = 1.0
+"""Write bandwidth per rank (GB/s, 10^9 bytes) the dry run times a checkpoint save at: an assumed
+figure, not a measurement. ``torch.save`` serialises one file per rank on one thread at a few
+GB/s, and a shared file system gives each of a node's 8 ranks about an eighth of the node's
+link (25 GB/s for 200 Gb/s) when all write at once: 1 GB/s per rank is the conservative side."""
+
+# Bytes per parameter in each rank's optimizer shard (DeepSpeed 0.19, ZeRO 1-3, offloaded or not):
+# fp32 master weights + Adam's two moments, partitioned over the data-parallel ranks
+# ([bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt). Checked by saving a 2-rank bf16 checkpoint
+# of the tiny model at stages 1, 2 and 3: 990 kB a rank for 165k parameters = 12 P / 2 + 3 kB.
+OPTIMIZER_SHARD_BYTES_PER_PARAM = 12
+
+
+def checkpoint_bytes_per_rank(train: TrainConfig, model_cfg: ModelConfig, total_params: int, world: int,
+                              model_dir_every_save: bool) -> dict[str, dict[str, int]]:
+    """What rank 0 and each other rank write in one checkpoint save: file kind -> bytes.
+
+    DeepSpeed 0.19's files, as a 2-rank save of the tiny model shows: ZeRO 1-3 partition the
+    optimizer shard (fp32 master weights and Adam moments, 12 bytes a parameter) over the ranks;
+    at stages 0-2 rank 0 alone also writes the module's weights in the training dtype
+    (``mp_rank_00_model_states.pt``); at stage 3 every rank writes a small model-states file (its
+    unpartitioned parameters, the norm gains, and shape metadata); without ZeRO rank 0 writes the
+    whole optimizer state with the module. With ``checkpoint.write_model_dir`` every_save, rank 0
+    also consolidates the fp32 model directory (4 bytes a parameter). Files under 1 MB (RNG
+    states, trainer state, markers) are left out.
+    """
+    dtype_bytes = 4 if train.precision == "fp32" else 2
+    rank0: dict[str, int] = {}
+    other: dict[str, int] = {}
+    if train.zero_stage == 0:
+        # in fp32 the module's weights are the master weights: only Adam's moments are added
+        optimizer = 8 if dtype_bytes == 4 else OPTIMIZER_SHARD_BYTES_PER_PARAM
+        rank0["module weights + whole optimizer state"] = total_params * (dtype_bytes + optimizer)
+    else:
+        shard = math.ceil(total_params / world) * OPTIMIZER_SHARD_BYTES_PER_PARAM
+        rank0["optimizer shard"] = other["optimizer shard"] = shard
+        if train.zero_stage == 3:
+            gains = (2 * model_cfg.n_layers + 1) * model_cfg.dim * dtype_bytes
+            rank0["model states (norm gains)"] = other["model states (norm gains)"] = gains
+        else:
+            rank0[f"module weights ({train.precision})"] = total_params * dtype_bytes
+    if model_dir_every_save:
+        rank0["model directory (fp32 safetensors)"] = total_params * 4
+    return {"rank 0": rank0, "other ranks": other if world > 1 else {}}
+
+
+def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int, seq_from: str) -> tuple[float, list[str]]:
+    """Activation GiB per GPU of the recipe's setting and the printed lines: the setting's
+    breakdown and the peak for other checkpointing intervals, to choose ``model.activation_checkpointing``."""
+    train = cfg.train
+    dtype_bytes = 4 if train.precision == "fp32" else 2
+    every = model_cfg.checkpoint_every
+    est = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
+                                     train.loss_chunk_tokens, every)
+    what = "none" if not every else ("every block" if every == 1 else f"every {every}-th block from block 0")
+    loss = (f"loss in chunks of {train.loss_chunk_tokens} tokens" if train.loss_chunk_tokens
+            else "full fp32 logits")
+    lines = [
+        f"activation memory per GPU (model/memory.py; micro batch {train.micro_batch_size} x {seq_len} tokens "
+        f"({seq_from}), {train.precision}, {loss}, checkpointing {what}: {est.checkpointed_blocks} of "
+        f"{model_cfg.n_layers} blocks recomputed):",
+        f"  {est.peak_bytes / GIB:8.2f} GiB at the peak ({est.peak_phase}): blocks keep {est.blocks_bytes / GIB:.2f} GiB "
+        f"({est.block_bytes / GIB:.3f} GiB a block not recomputed)",
+    ]
+    others = []
+    for k in sorted({0, 1, 2, 3, 4, every}):
+        if k <= model_cfg.n_layers:
+            peak = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
+                                              train.loss_chunk_tokens, k).peak_bytes
+            others.append(f"k={k}: {peak / GIB:.2f}" + (" (this recipe)" if k == every else ""))
+    lines.append("  by model.activation_checkpointing (0 none, k every k-th block), GiB: " + ", ".join(others))
+    return est.peak_bytes / GIB, lines
 
 
 def plan_world_size(cfg: PretrainConfig, world_size: int | None) -> tuple[int, str]:
@@ -72,9 +149,14 @@ def check_data(cfg: PretrainConfig) -> DataSummary:
         train_tokens=sum(int(s.index.tokens.sum()) for s in sources), missing_shards=absent)
 
 
-def dry_run_report(cfg: PretrainConfig, world_size: int | None = None) -> int:
-    """Validate, check the data, print the DeepSpeed config and model-state memory per GPU; no
-    training. Raises a :class:`UserError` (exit 2) after the plan when something would stop the run."""
+def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
+                   write_gbps: float = DEFAULT_WRITE_GBPS) -> int:
+    """Validate, check the data, print the DeepSpeed config, the model-state and activation memory
+    per GPU and the bytes each rank writes per checkpoint save (timed at ``write_gbps`` GB/s per
+    rank); no training. Raises a :class:`UserError` (exit 2) after the plan when something would
+    stop the run."""
+    if write_gbps <= 0:
+        raise ConfigError(f"--write-gbps must be positive (GB/s per rank), got {write_gbps}")
     world, why = plan_world_size(cfg, world_size)
     try:
         # planned as nodes of 8 GPUs, as the memory plans below
@@ -120,10 +202,44 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None) -> int:
           "activations excluded):")
     plans = [(min(world, 8), max(1, math.ceil(world / 8)))]
     plans += [p for p in ((8, 1), (8, 2), (8, 4), (8, 8), (8, 16)) if p != plans[0]]
+    model_state_gib = 0.0
     for i, (gpus, nodes) in enumerate(plans):
         est = estimate_memory_per_gpu(cfg.train, total, largest, gpus, nodes)
+        model_state_gib = est["gpu_gib"] if i == 0 else model_state_gib
         print(f"  {nodes:>3} node(s) x {gpus} GPU(s): {est['gpu_gib']:8.2f} GiB per GPU, "
               f"{est['cpu_gib_per_node']:8.2f} GiB CPU per node" + ("   <- this plan" if i == 0 else ""), flush=True)
+    seq_len, seq_from = ((data.seq_len, "the shards' seq_len") if data is not None
+                         else (model_cfg.max_seq_len, "model.max_seq_len, no manifest read"))
+    activation_gib, lines = activation_report(cfg, model_cfg, seq_len, seq_from)
+    print("\n".join(lines))
+    print(f"total per GPU for this plan: {model_state_gib:.2f} GiB model state + {activation_gib:.2f} GiB "
+          f"activations = {model_state_gib + activation_gib:.2f} GiB (no allocator reserve, communication "
+          "buffers or fragmentation)")
+    print_checkpoint_plan(cfg, model_cfg, total, world, write_gbps)
     if problems:
         raise DataError("; ".join(problems))
     return 0
+
+
+def print_checkpoint_plan(cfg: PretrainConfig, model_cfg: ModelConfig, total_params: int, world: int,
+                          write_gbps: float) -> None:
+    """Print the bytes rank 0 and the other ranks write per save, and the save's time at ``write_gbps``."""
+    mode = cfg.checkpoint.write_model_dir
+    every_save = mode is True or mode == "every_save"
+    files = checkpoint_bytes_per_rank(cfg.train, model_cfg, total_params, world, every_save)
+    print(f"checkpoint save (DeepSpeed's files, ZeRO stage {cfg.train.zero_stage}, {world} rank(s); "
+          f"timed at {write_gbps:g} GB/s per rank, " + ("--write-gbps" if write_gbps != DEFAULT_WRITE_GBPS
+                                                         else "an assumed default") + "):")
+    slowest = 0
+    for who, kinds in files.items():
+        if not kinds:
+            continue
+        size = sum(kinds.values())
+        slowest = max(slowest, size)
+        parts = ", ".join(f"{kind} {b / GIB:.2f} GiB" for kind, b in kinds.items())
+        print(f"  {who}: {size / GIB:8.2f} GiB ({size:,} bytes) = {parts}; {size / (write_gbps * 1e9):.1f} s")
+    total = sum(files["rank 0"].values()) + (world - 1) * sum(files["other ranks"].values())
+    print(f"  all ranks: {total / GIB:.2f} GiB per save; the save takes as long as its slowest rank, "
+          f"{slowest / (write_gbps * 1e9):.1f} s" + ("" if every_save else
+          f" (checkpoint.write_model_dir={mode}: the fp32 model directory, {total_params * 4 / GIB:.2f} GiB, "
+          "is not part of each save)"))
