@@ -303,13 +303,14 @@ def _checkpoint_model_problem(ckpt_dir: Path) -> str | None:
     A consolidated one has its own marker listing its files with their sizes; one saved by an
     older version is listed in the checkpoint's marker; its config parses."""
     model_dir = ckpt_dir / MODEL_DIR
-    if (model_dir / MARKER).is_file():
-        marker, problem = read_record(model_dir / MARKER)
-        problem = problem if marker is None else inventory_problem(model_dir, marker.get("files") or {})
-        return problem or read_record(model_dir / CONFIG_FILE)[1]
     marker, problem = read_record(ckpt_dir / MARKER)
     if marker is None:
         return problem
+    if (model_dir / MARKER).is_file():
+        model_marker, problem = read_record(model_dir / MARKER)
+        if model_marker is not None:
+            problem = inventory_problem(model_dir, model_marker.get("files") or {})
+        return problem or read_record(model_dir / CONFIG_FILE)[1]
     files = marker.get("files")
     if isinstance(files, dict) and any(rel.startswith(f"{MODEL_DIR}/") for rel in files):
         problem = inventory_problem(ckpt_dir, files, select=lambda rel: rel.startswith(f"{MODEL_DIR}/"))

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from crucible.errors import DataError, UserError
+from crucible.fileio import atomic_write_json
+from crucible.run_layout import file_inventory
 from model.config import ModelConfig, resolve_model_config
 from model.io import find_model_dir, load_model_dir, save_model_dir
 from model.transformer import build_transformer
@@ -44,10 +46,14 @@ def make_checkpoint(run_dir: Path, step: int, seed: int = 0, model: bool = True,
                    path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         ckpt.write_rng_state(path, rank)
     ckpt.write_trainer_state(path, {"step": step, "consumed_samples": 8 * step})
+    cfg = tiny()
     if model:
-        cfg = tiny()
-        save_model_dir(path / "model", build_transformer(cfg, seed=seed).state_dict(), cfg, provenance={})
+        save_model_dir(path / ckpt.MODEL_FILES, None, cfg, provenance={})
     ckpt.mark_complete(path, {"step": step, "world_size": world, "zero_stage": zero_stage})
+    if model:  # as consolidation leaves it: the model directory with its own marker, named by latest.json
+        save_model_dir(path / "model", build_transformer(cfg, seed=seed).state_dict(), cfg, provenance={})
+        atomic_write_json(path / "model" / "COMPLETE.json", {"files": file_inventory(path / "model")})
+        ckpt.write_latest(path, step)
     return path
 
 
@@ -125,7 +131,7 @@ def test_moved_run_directory_resolves_to_its_own_model(tmp_path, caplog):
     (lambda c: truncate(c / OPTIM_1), f"{OPTIM_1} has"),
     (lambda c: (c / "trainer_state.json").write_text("{}" + " " * 60), "trainer_state.json has"),
     (lambda c: truncate(c / "rng_rank1.json"), "rng_rank1.json has"),
-    (lambda c: (c / "model" / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda c: (c / "model_files" / "model_config.json").unlink(), "model_config.json is missing"),
 ])
 def test_checkpoint_problem_names_the_damaged_file(tmp_path, damage, names):
     path = make_checkpoint(tmp_path, 6)
