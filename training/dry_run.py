@@ -98,8 +98,9 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
     train = cfg.train
     dtype_bytes = 4 if train.precision == "fp32" else 2
     every = model_cfg.checkpoint_every
+    device = "cpu" if train.device == "cpu" else "cuda"  # a plan is for GPUs unless the recipe says cpu
     est = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
-                                     train.loss_chunk_tokens, every)
+                                     train.loss_chunk_tokens, every, device=device)
     what = "none" if not every else ("every block" if every == 1 else f"every {every}-th block from block 0")
     loss = (f"loss in chunks of {train.loss_chunk_tokens} tokens" if train.loss_chunk_tokens
             else "full fp32 logits")
@@ -114,7 +115,7 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
     for k in sorted({0, 1, 2, 3, 4, every}):
         if k <= model_cfg.n_layers:
             peak = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
-                                              train.loss_chunk_tokens, k).peak_bytes
+                                              train.loss_chunk_tokens, k, device=device).peak_bytes
             others.append(f"k={k}: {peak / GIB:.2f}" + (" (this recipe)" if k == every else ""))
     lines.append("  by model.activation_checkpointing (0 none, k every k-th block), GiB: " + ", ".join(others))
     return est.peak_bytes / GIB, lines
