@@ -203,15 +203,14 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
           "activations excluded):")
     plans = [(min(world, 8), max(1, math.ceil(world / 8)))]
     plans += [p for p in ((8, 1), (8, 2), (8, 4), (8, 8), (8, 16)) if p != plans[0]]
-    model_state_gib = 0.0
     for i, (gpus, nodes) in enumerate(plans):
         est = estimate_memory_per_gpu(cfg.train, total, largest, gpus, nodes)
-        model_state_gib = est["gpu_gib"] if i == 0 else model_state_gib
         print(f"  {nodes:>3} node(s) x {gpus} GPU(s): {est['gpu_gib']:8.2f} GiB per GPU, "
               f"{est['cpu_gib_per_node']:8.2f} GiB CPU per node" + ("   <- this plan" if i == 0 else ""), flush=True)
     seq_len, seq_from = ((data.seq_len, "the shards' seq_len") if data is not None
                          else (model_cfg.max_seq_len, "model.max_seq_len, no manifest read"))
     activation_gib, lines = activation_report(cfg, model_cfg, seq_len, seq_from)
+    model_state_gib = estimate_memory_per_gpu(cfg.train, total, largest, *plans[0])["gpu_gib"]
     print("\n".join(lines))
     print(f"total per GPU for this plan: {model_state_gib:.2f} GiB model state + {activation_gib:.2f} GiB "
           f"activations = {model_state_gib + activation_gib:.2f} GiB (no allocator reserve, communication "
