@@ -25,12 +25,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --dry-run: the number of GPUs to plan for (default: the launcher's WORLD_SIZE, else the "
              "recipe's train.planned_world_size)",
     )
+    parser.add_argument(
+        "--write-gbps", type=float, default=None,
+        help="with --dry-run: write bandwidth per rank in GB/s used to time a checkpoint save "
+             "(default 1.0, an assumed figure; measure your storage's)",
+    )
 
 
 def _run(cfg: PretrainConfig, args: argparse.Namespace) -> int:
     from training.pretrain import pretrain  # heavy imports only when training
 
-    return pretrain(cfg, dry_run=args.dry_run, world_size=args.world_size)
+    return pretrain(cfg, dry_run=args.dry_run, world_size=args.world_size, write_gbps=args.write_gbps)
 
 
 def main(argv: list[str] | None = None) -> int:

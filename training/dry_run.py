@@ -101,7 +101,7 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
     device = "cpu" if train.device == "cpu" else "cuda"  # a plan is for GPUs unless the recipe says cpu
     est = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
                                      train.loss_chunk_tokens, every, device=device)
-    what = "none" if not every else ("every block" if every == 1 else f"every {every}-th block from block 0")
+    what = "none" if not every else ("every block" if every == 1 else f"blocks 0, {every}, {2 * every}, ...")
     loss = (f"loss in chunks of {train.loss_chunk_tokens} tokens" if train.loss_chunk_tokens
             else "full fp32 logits")
     lines = [

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from crucible.errors import UserError
 from training.config import PretrainConfig
 from training.dry_run import dry_run_report
 from training.steps.language_model import LanguageModelStep
 from training.trainer import run_training
 
 
-def pretrain(cfg: PretrainConfig, dry_run: bool = False, world_size: int | None = None) -> int:
-    """Run (or with ``dry_run`` only check, planning for ``world_size`` GPUs) pretraining."""
+def pretrain(cfg: PretrainConfig, dry_run: bool = False, world_size: int | None = None,
+             write_gbps: float | None = None) -> int:
+    """Run (or with ``dry_run`` only check, planning for ``world_size`` GPUs and timing a
+    checkpoint save at ``write_gbps`` GB/s per rank) pretraining."""
+    if write_gbps is not None and not write_gbps > 0:
+        raise UserError(f"--write-gbps must be a positive bandwidth in GB/s (got {write_gbps})")
     if dry_run:
-        return dry_run_report(cfg, world_size)
+        return dry_run_report(cfg, world_size, **({"write_gbps": write_gbps} if write_gbps else {}))
     return run_training(cfg, lambda ctx: LanguageModelStep(cfg, ctx))
