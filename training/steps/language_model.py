@@ -15,6 +15,7 @@ from crucible.provenance import provenance
 from data_pipeline.loader.evaluation import build_eval_loader
 from data_pipeline.loader.train import build_train_loader
 from data_pipeline.shards.manifest import MANIFEST_FILE, is_url
+from model.compile import compile_blocks
 from model.config import ModelConfig, max_seq_len_is_explicit, resolve_model_config
 from model.io import save_model_dir
 from model.transformer import Transformer, build_transformer
@@ -149,6 +150,8 @@ class LanguageModelStep(StepModule):
 
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
         model = build_language_model(self.model_cfg, ds_config, self.cfg.train.seed, self.ctx.device)
+        if self.cfg.train.compile:
+            compile_blocks(model, dynamic=False)  # the training batch shape is fixed
         optim = self.cfg.optim
         groups = param_groups(model, optim)
         optimizer = (None if optim.implementation == "deepspeed"

@@ -19,6 +19,7 @@ import torch
 
 from crucible.errors import UserError
 from crucible.provenance import provenance
+from model.compile import compile_blocks
 from model.heads import build_head
 from model.io import load_model_dir
 from model.task_io import save_task_dir
@@ -103,6 +104,8 @@ class TaskStep(StepModule):
                     groups.append({**group, "params": params, "backbone": not is_head,
                                    "lr_scale": self.cfg.task.head_lr_multiplier if is_head else 1.0})
         optimizer = build_optimizer(groups, optim, ds_config["zero_optimization"]["stage"])
+        if self.cfg.train.compile:
+            compile_blocks(head, dynamic=None)  # padded batches vary in length: dynamic after a second shape
         self.engine, self.optimizer = build_engine(head, ds_config, optimizer)
         return self.engine, self.optimizer
 
