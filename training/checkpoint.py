@@ -244,8 +244,11 @@ def mark_complete(ckpt_dir: Path, info: dict[str, Any]) -> None:
     """Write the completion marker, listing every file of the checkpoint with its size, then
     ``latest.json`` with paths relative to the run directory; call on rank 0 only, after a
     barrier over all ranks (every rank's files are written)."""
-    made_later = (MARKER, UNIVERSAL, MODEL_DIR, MODEL_DIR + ".tmp")
-    files = file_inventory(ckpt_dir, skip=lambda rel: rel == MARKER or rel.split("/")[0] in made_later)
+    def made_later(rel: str) -> bool:  # the universal conversion, the consolidated model directory
+        top = rel.split("/")[0]
+        return rel == MARKER or top in (UNIVERSAL, MODEL_DIR) or top.startswith(MODEL_DIR + ".")
+
+    files = file_inventory(ckpt_dir, skip=made_later)
     atomic_write_json(ckpt_dir / MARKER, {**info, "files": files})
     write_latest(ckpt_dir, info.get("step"))
 

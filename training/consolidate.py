@@ -336,8 +336,9 @@ def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path | None = None,
     files and its ``model_files`` (config, tokenizer, provenance, task.json), one output shard at
     a time; returns it. Extra memory: the largest tensor plus one output shard.
 
-    Written under ``<out>.tmp`` and renamed, then given its own ``COMPLETE.json`` listing its
-    files (the checkpoint's marker is left as it is). A whole one already there is kept.
+    Written with its own ``COMPLETE.json`` (listing its files; the checkpoint's marker is left as
+    it is) under ``<out>.<pid>.tmp``, then renamed; a whole one already there is kept, so
+    several processes (the ranks of a fine-tune given a run directory) may consolidate at once.
     """
     from model.io import read_model_config, write_weights
     from model.task_io import is_task_dir, write_task_weights
@@ -352,7 +353,7 @@ def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path | None = None,
                         "or not a checkpoint directory); pass a checkpoint directory written by this "
                         "project, or a run directory")
     start = time.perf_counter()
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # own name: ranks may consolidate at once
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(files_dir, tmp)
     cfg = read_model_config(files_dir)
@@ -361,6 +362,9 @@ def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path | None = None,
     write(tmp, iter_fp32_weights(ckpt_dir, stats), cfg, max_shard_bytes)
     atomic_write_json(tmp / MARKER, {"source": ckpt_dir.name,
                                      "files": file_inventory(tmp, skip=lambda rel: rel == MARKER)})
+    if out.is_dir() and model_dir_problem(out) is None:  # another process finished first
+        shutil.rmtree(tmp)
+        return out
     if out.exists():
         shutil.rmtree(out)  # a damaged or unfinished one
     os.replace(tmp, out)
