@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from crucible.config import Section
 from data_pipeline.loader.config import LoaderConfig
@@ -111,6 +111,8 @@ class TrainConfig(Section):
     """Ranks (GPUs) the recipe was written for: --dry-run plans for this many unless --world-size is given (null: derived from global_batch_size / (micro_batch_size x grad_accum_steps) when both are fixed, else 1). A run on another count keeps its global batch when grad_accum_steps is null."""
     loss_chunk_tokens: int = Field(1024, ge=0)
     """Tokens per chunk of the next-token loss: the logits are computed, upcast to fp32 and turned into gradients one chunk at a time, so no (tokens x vocabulary) fp32 logits are held (0: the full logits at once, as a plain loop does)."""
+    compile: bool = False
+    """torch.compile each Transformer block on its own (regional compilation; embedding, head and loss stay eager): faster steps after a slower start (inductor compiles the blocks' kernels before the first step; its cache, /tmp/torchinductor_<user> or TORCHINDUCTOR_CACHE_DIR, makes later starts faster). Losses match eager within float rounding."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage."""
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
@@ -170,8 +172,18 @@ class CheckpointConfig(Section):
     """auto: newest usable checkpoint in the run directory (damaged ones are skipped with a
     warning); never: start fresh; or one checkpoint of this run (its path or ``step_NNNNNNNN``),
     which must be whole. DeepSpeed's files are pickles, so no other directory's are loaded."""
-    write_model_dir: bool = True
-    """Write a model directory (safetensors + config + tokenizer) beside each kept checkpoint."""
+    write_model_dir: Literal["end", "every_save", "never"] = "end"
+    """When rank 0 consolidates a checkpoint's model directory (``<ckpt>/model``: safetensors
+    shards + config + tokenizer) from the shards just saved, one tensor at a time: end: after the
+    run's final save, with no rank waiting on it; every_save: after every save (the other ranks
+    wait for it at their next collective, so it must take less than train.collective_timeout_s);
+    never: only on demand (``launcher/consolidate.py``, or any tool given the run or checkpoint
+    directory). Saves themselves never gather the model. true/false mean every_save/never."""
+
+    @field_validator("write_model_dir", mode="before")
+    @classmethod
+    def _model_dir_bool(cls, value: object) -> object:
+        return {True: "every_save", False: "never"}[value] if isinstance(value, bool) else value
 
 
 class LogConfig(Section):

@@ -320,12 +320,10 @@ class Trainer:
         ckpt.write_rng_state(path, self.ctx.rank)
         if self.ctx.rank == 0:
             ckpt.write_trainer_state(path, client)
+            # the model directory's files but the weights; consolidation adds those from the shards
+            self.step_module.save_model_dir(path / ckpt.MODEL_FILES, None)
         self._fire("rank_saved", path)
         barrier()  # every rank has written its part
-        if self.cfg.checkpoint.write_model_dir:
-            state = ckpt.full_fp32_state_dict(self.engine.module, keep=self.ctx.rank == 0)
-            if state is not None:
-                self.step_module.save_model_dir(path / ckpt.MODEL_DIR, state)
         if self.ctx.rank == 0:
             ckpt.mark_complete(path, {"step": step, "world_size": self.ctx.world_size,
                                       "zero_stage": self.cfg.train.zero_stage})
@@ -334,6 +332,9 @@ class Trainer:
         seconds = time.perf_counter() - start
         log.info("saved checkpoint %s in %.2f s", path, seconds)
         self._fire("post_save", path, seconds)
+        self.last_saved = path
+        if self.cfg.checkpoint.write_model_dir == "every_save" and self.ctx.rank == 0:
+            ckpt.consolidate_model_dir(path)  # the others wait at their next collective
         return seconds
 
     # ---------------------------------------------------------------------------- the loop
@@ -440,6 +441,11 @@ class Trainer:
         if self.checkpoints and saved_at != self.state.step:
             self.save()
         self._fire("at_end")
+        final = self.last_saved or (self.resume_from.path if self.resume_from is not None else None)
+        if self.checkpoints and final is not None and self.ctx.rank == 0 \
+                and cfg.checkpoint.write_model_dir != "never":
+            # after the last collective: the other ranks exit meanwhile, none waits on this
+            ckpt.consolidate_model_dir(final)
         skipped = self.state.skipped_samples
         if skipped:
             log.warning("%d of %d training samples (%.2f%%) came from corrupt token shards and were "
