@@ -31,6 +31,9 @@ CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
 LATEST = "latest.json"
 MODEL_DIR = "model"
+# The non-weight files of the model directory (config, tokenizer, provenance, task.json), written
+# by rank 0 at every save; consolidation copies them beside the weights into MODEL_DIR.
+MODEL_FILES = "model_files"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 # files that are not part of what a save wrote: an atomic write's leftover, a later conversion
 _NOT_SAVED_SUFFIXES = (".tmp",)

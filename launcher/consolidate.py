@@ -50,7 +50,7 @@ def checkpoint_of(path: Path, step: int | None) -> Path:
 
 def _run(args: argparse.Namespace) -> int:
     from launcher.export_hf import parse_size
-    from training.consolidate import consolidate_checkpoint
+    from model.io import consolidate_checkpoint
 
     if not args.path.is_dir():
         raise UserError(f"{args.path} is not a directory (pass a run directory or a checkpoint directory)")

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from crucible.run_layout import (
     LATEST,
     MARKER,
     MODEL_DIR,
+    MODEL_FILES,
+    file_inventory,
     inventory_problem,
     marked_checkpoints,
     read_record,
@@ -63,6 +66,9 @@ HF_INDEX_FILE = "model.safetensors.index.json"
 EXPORTED_CONFIG_FILE = "crucible_model_config.json"
 # Weights above this many bytes are written as several shards (Hugging Face's naming).
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+# A fine-tuned task model directory (model/task_io.py) adds these to a model directory.
+TASK_FILE = "task.json"
+HEAD_FILE = "head.safetensors"
 INDEX_FILE = HF_INDEX_FILE
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -327,9 +333,7 @@ def _checkpoint_model_problem(ckpt_dir: Path) -> str | None:
 
 def _consolidated(ckpt_dir: Path) -> Path:
     """The model directory of a whole checkpoint saved without one: made now from its DeepSpeed
-    files (:mod:`training.consolidate`), or a DataError naming the command when that fails."""
-    from training.consolidate import consolidate_checkpoint
-
+    files (:func:`consolidate_checkpoint`), or a DataError naming the command when that fails."""
     try:
         return consolidate_checkpoint(ckpt_dir)
     except OSError as exc:
@@ -342,8 +346,6 @@ def _consolidated(ckpt_dir: Path) -> Path:
 def _unconsolidated(ckpt_dir: Path) -> bool:
     """A complete checkpoint whose model directory is left to consolidation (not written yet,
     or left unfinished by a crash during consolidation)."""
-    from training.consolidate import MODEL_FILES
-
     marker = read_record(ckpt_dir / MARKER)[0]
     if marker is None or not (ckpt_dir / MODEL_FILES).is_dir():
         return False
@@ -478,3 +480,82 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
             "project's model directory) or config.json + safetensors (a Hugging Face Llama directory)"
         )
     return model_from_state_dict(cfg, state_dict, device), cfg
+
+
+# ------------------------------------------ consolidation of a checkpoint into a model directory
+
+def is_task_dir(path: str | Path) -> bool:
+    return (Path(path) / TASK_FILE).is_file()
+
+
+def write_task_weights(out: str | Path, weights: Weights, cfg: ModelConfig,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """The weights of a task model directory from a head module's (full, fp32) weights, a mapping
+    or an iterator of ``(name, tensor)``: the backbone (``model.*``) streams into its shards one
+    tensor at a time; the head's own tensors are collected for ``head.safetensors``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    head: dict[str, torch.Tensor] = {}
+
+    def backbone() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in (weights.items() if isinstance(weights, Mapping) else weights):
+            if name.startswith("model."):
+                yield name.removeprefix("model."), tensor
+            else:
+                head[name] = tensor.detach().float().cpu().contiguous()
+
+    write_weights(out, backbone(), cfg, max_shard_bytes)
+    with atomic_path(out / HEAD_FILE) as tmp:
+        save_file(head, str(tmp))
+
+
+def model_dir_problem(model_dir: Path) -> str | None:
+    """Why a consolidated model directory is not whole (one line), or None: its own marker reads
+    and lists every file with its size."""
+    marker, problem = read_record(model_dir / MARKER)
+    if marker is None:
+        return problem
+    return inventory_problem(model_dir, marker.get("files") or {})
+
+
+def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path | None = None,
+                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write the model directory of a checkpoint (default ``<ckpt>/model``) from its DeepSpeed
+    files and its ``model_files`` (config, tokenizer, provenance, task.json), one output shard at
+    a time; returns it. Extra memory: the largest tensor plus one output shard.
+
+    Written with its own ``COMPLETE.json`` (listing its files; the checkpoint's marker is left as
+    it is) under ``<out>.<pid>.tmp``, then renamed; a whole one already there is kept, so
+    several processes (the ranks of a fine-tune given a run directory) may consolidate at once.
+    """
+    from model.zero_checkpoint import iter_fp32_weights
+
+    ckpt_dir = Path(ckpt_dir)
+    out = Path(out) if out is not None else ckpt_dir / MODEL_DIR
+    if out.is_dir() and model_dir_problem(out) is None:
+        return out
+    files_dir = ckpt_dir / MODEL_FILES
+    if not (files_dir / "model_config.json").is_file():
+        raise DataError(f"{ckpt_dir} has no {MODEL_FILES}/model_config.json (saved by an older version, "
+                        "or not a checkpoint directory); pass a checkpoint directory written by this "
+                        "project, or a run directory")
+    start = time.perf_counter()
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # own name: ranks may consolidate at once
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(files_dir, tmp)
+    cfg = read_model_config(files_dir)
+    stats: dict[str, int] = {}
+    write = write_task_weights if is_task_dir(files_dir) else write_weights
+    write(tmp, iter_fp32_weights(ckpt_dir, stats), cfg, max_shard_bytes)
+    atomic_write_json(tmp / MARKER, {"source": ckpt_dir.name,
+                                     "files": file_inventory(tmp, skip=lambda rel: rel == MARKER)})
+    if out.is_dir() and model_dir_problem(out) is None:  # another process finished first
+        shutil.rmtree(tmp)
+        return out
+    if out.exists():
+        shutil.rmtree(out)  # a damaged or unfinished one
+    os.replace(tmp, out)
+    log.info("consolidated %s into %s in %.2f s (%.1f MB read)", ckpt_dir, out,
+             time.perf_counter() - start, stats.get("bytes_read", 0) / 1e6)
+    return out

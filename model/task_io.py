@@ -13,7 +13,7 @@ Export writes the matching Hugging Face class (``LlamaForSequenceClassification`
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +27,17 @@ from model.heads import TaskHead, build_head, head_class
 from model.hf_mapping import to_hf_config, to_hf_state_dict
 from model.io import (
     DEFAULT_MAX_SHARD_BYTES,
+    HEAD_FILE,
     HF_CONFIG_FILE,
     HF_WEIGHTS_FILE,
+    TASK_FILE,
     Weights,
     load_weights,
     model_from_state_dict,
     read_model_config,
     save_model_dir,
-    write_weights,
+    write_task_weights,
 )
-
-TASK_FILE = "task.json"
-HEAD_FILE = "head.safetensors"
-
-
-def is_task_dir(path: str | Path) -> bool:
-    return (Path(path) / TASK_FILE).is_file()
 
 
 def split_head_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -50,28 +45,6 @@ def split_head_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict
     backbone = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
     head = {k: v for k, v in state_dict.items() if not k.startswith("model.")}
     return backbone, head
-
-
-def write_task_weights(out: str | Path, weights: Weights, cfg: ModelConfig,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """The weights of a task model directory from a head module's (full, fp32) weights, a mapping
-    or an iterator of ``(name, tensor)``: the backbone (``model.*``) streams into its shards one
-    tensor at a time; the head's own tensors are collected for ``head.safetensors``."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    head: dict[str, torch.Tensor] = {}
-
-    def backbone() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in (weights.items() if isinstance(weights, Mapping) else weights):
-            if name.startswith("model."):
-                yield name.removeprefix("model."), tensor
-            else:
-                head[name] = tensor.detach().float().cpu().contiguous()
-
-    write_weights(out, backbone(), cfg, max_shard_bytes)
-    with atomic_path(out / HEAD_FILE) as tmp:
-        save_file(head, str(tmp))
 
 
 def save_task_dir(path: str | Path, state_dict: Weights | None, cfg: ModelConfig,

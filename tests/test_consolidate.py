@@ -93,7 +93,7 @@ def _reference(saved: Path, name: str) -> dict[str, torch.Tensor]:
 def test_streaming_equals_deepspeeds_zero_to_fp32(saved, name):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from training.consolidate import iter_fp32_weights
+    from model.zero_checkpoint import iter_fp32_weights
 
     ckpt_dir = saved / name / "checkpoints" / TAG
     ours = dict(iter_fp32_weights(ckpt_dir))
@@ -111,7 +111,7 @@ def test_streaming_equals_deepspeeds_zero_to_fp32(saved, name):
 
 @pytest.mark.parametrize("name", ["bf16_zero1", "zero0"])
 def test_streaming_equals_the_engines_fp32_weights(saved, name):
-    from training.consolidate import iter_fp32_weights
+    from model.zero_checkpoint import iter_fp32_weights
 
     ours = dict(iter_fp32_weights(saved / name / "checkpoints" / TAG))
     reference = _reference(saved, name)
@@ -130,8 +130,7 @@ def test_consolidation_peak_memory_is_one_shard_plus_one_tensor(saved, tmp_path)
     and small temporaries), while the model is ~10 MB."""
     from torch.profiler import ProfilerActivity, profile
 
-    from model.io import load_weights, weight_files
-    from training.consolidate import consolidate_checkpoint
+    from model.io import consolidate_checkpoint, load_weights, weight_files
 
     ckpt_dir = saved / "deep_zero2" / "checkpoints" / TAG
     shard = 512 * 1024
@@ -189,14 +188,14 @@ def test_run_dir_consolidates_on_demand_and_loads_for_generate_and_export(saved,
 
 
 def test_an_unwritable_checkpoint_names_the_command(saved, monkeypatch):
-    import training.consolidate
+    import model.io
     from crucible.errors import DataError
     from model.io import find_model_dir
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(training.consolidate, "consolidate_checkpoint", read_only)
+    monkeypatch.setattr(model.io, "consolidate_checkpoint", read_only)
     ckpt_dir = saved / "zero2" / "checkpoints" / TAG
     with pytest.raises(DataError, match=r"cannot be written there \(Permission denied\); run "
                                         r"`python launcher/consolidate.py .*step_00000001 --out <dir>`"):

@@ -345,7 +345,7 @@ def test_resume_skips_damaged_and_incomplete_checkpoints(token_manifest, referen
 def test_injected_nan_is_skipped_on_both_ranks(token_manifest, tmp_path):
     import torch
 
-    from training.consolidate import iter_fp32_weights
+    from model.zero_checkpoint import iter_fp32_weights
 
     run = tmp_path / "nan"
     launch(run, token_manifest, "train.max_steps=6", "train.max_bad_steps=3",

@@ -173,7 +173,7 @@ def test_loop_events_stop_and_resume(tmp_path):
     # checkpoint's shards) to the target
     import torch
 
-    from training.consolidate import iter_fp32_weights
+    from model.zero_checkpoint import iter_fp32_weights
 
     ckpt = Path(run_dir) / "checkpoints" / "step_00000003"
     assert json.loads((ckpt / "model_files" / "workload.json").read_text()) == {"kind": "regression"}

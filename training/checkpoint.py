@@ -11,7 +11,7 @@ Layout under ``<run_dir>/checkpoints``::
         COMPLETE.json              written by rank 0 after a barrier: every rank has finished;
                                    lists every file of the checkpoint with its size
         model/                     model directory, consolidated from the files above after the
-                                   save (:mod:`training.consolidate`), with its own COMPLETE.json
+                                   save (:func:`model.io.consolidate_checkpoint`), with its own COMPLETE.json
         universal/                 DeepSpeed universal checkpoint, made offline by
                                    ``launcher/checkpoint.py universal`` to resume on another
                                    number of ranks (ZeRO 1-3); has its own COMPLETE.json
@@ -50,6 +50,7 @@ from crucible.run_layout import (
     LATEST,
     MARKER,
     MODEL_DIR,
+    MODEL_FILES,  # noqa: F401 - part of the checkpoint layout
     file_inventory,
     inventory_problem,
     marked_checkpoints,
@@ -57,7 +58,6 @@ from crucible.run_layout import (
     step_of,
     zip_problem,
 )
-from training.consolidate import MODEL_FILES  # noqa: F401 - part of the checkpoint layout
 
 log = logging.getLogger("crucible.training.checkpoint")
 
@@ -266,11 +266,11 @@ def write_latest(ckpt_dir: Path, step: int | None) -> None:
 
 def consolidate_model_dir(ckpt_dir: Path) -> Path | None:
     """Rank 0 after a save: the checkpoint's model directory from the files just written
-    (:func:`training.consolidate.consolidate_checkpoint`, no collective), then ``latest.json``
+    (:func:`model.io.consolidate_checkpoint`, no collective), then ``latest.json``
     names it if this is still the newest checkpoint. A failure is logged, not raised: the
     checkpoint itself is whole, and ``launcher/consolidate.py`` or any reader of the run
     directory makes the model directory later."""
-    from training.consolidate import consolidate_checkpoint
+    from model.io import consolidate_checkpoint
 
     try:
         out = consolidate_checkpoint(ckpt_dir)

@@ -98,5 +98,6 @@ class StepModule(ABC):
                 "tokenizer_sha256": self.tokenizer_sha256, "manifest_sha256s": []}
 
     @abstractmethod
-    def save_model_dir(self, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
-        """Write the model directory of a checkpoint from the full fp32 weights (rank 0)."""
+    def save_model_dir(self, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """Write a model directory (rank 0): with ``state_dict`` None, every file but the weights
+        (the checkpoint's ``model_files/``, which consolidation completes from the shards)."""

@@ -217,7 +217,7 @@ class LanguageModelStep(StepModule):
         return {**super().client_state(),
                 "manifest_sha256s": list(getattr(self.loader, "manifest_sha256s", []))}
 
-    def save_model_dir(self, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    def save_model_dir(self, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         tok = self.run_dir / "tokenizer"
         save_model_dir(out, state_dict, self.model_cfg, tokenizer_dir=tok if tok.is_dir() else None,
                        provenance=provenance(self.run_config))

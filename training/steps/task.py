@@ -164,7 +164,7 @@ class TaskStep(StepModule):
         return {f"dev/{k}": v for k, v in self.last_dev.items()}
 
     # --------------------------------------------------------------------------- outputs
-    def save_model_dir(self, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    def save_model_dir(self, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         save_task_dir(out, state_dict, self.model_cfg, self.task_record(), tokenizer_dir=self.source_dir,
                       provenance=provenance(self.cfg))
 

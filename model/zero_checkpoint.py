@@ -1,9 +1,11 @@
-"""Streaming consolidation: the full fp32 weights of a DeepSpeed checkpoint, one tensor at a time.
+"""The full fp32 weights of a DeepSpeed checkpoint, read one tensor at a time.
 
-A save writes each rank's shards and the client state only; the model directory
-(:mod:`model.io`) is made from those files afterwards, by :func:`consolidate_checkpoint`, at
-the end of a run, after each save (``checkpoint.write_model_dir=every_save``), on demand
-(:func:`model.io.find_model_dir`) or by ``launcher/consolidate.py``.
+A save writes each rank's shards and the client state only; the model directory is made from
+those files afterwards by :func:`model.io.consolidate_checkpoint` (streaming this module's
+:func:`iter_fp32_weights` into safetensors shards) at the end of a run, after each save
+(``checkpoint.write_model_dir=every_save``), on demand (:func:`model.io.find_model_dir`) or by
+``launcher/consolidate.py``. This module knows DeepSpeed's file layouts and nothing of the
+model directory.
 
 How the files are read: DeepSpeed's ``*.pt`` files are zip archives whose tensor storages are
 stored uncompressed. Each file's structure is loaded without its data (``torch.load`` with
@@ -35,10 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,15 +46,8 @@ from typing import Any
 import torch
 
 from crucible.errors import DataError
-from crucible.fileio import atomic_write_json
-from crucible.run_layout import MARKER, MODEL_DIR, file_inventory, inventory_problem, read_record
 
-log = logging.getLogger("crucible.training.consolidate")
-
-# The non-weight files of the model directory (config, tokenizer, provenance, task.json), written
-# by rank 0 at every save; consolidation copies them beside the weights.
-MODEL_FILES = "model_files"
-DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+log = logging.getLogger("crucible.model.zero_checkpoint")
 
 _OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 _ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
@@ -317,57 +309,3 @@ def iter_fp32_weights(ckpt_dir: str | Path, stats: dict[str, int] | None = None
         if stats is not None:
             stats["bytes_read"] = files.bytes_read
         files.close()
-
-
-# ---------------------------------------------------------------- the model directory
-
-def model_dir_problem(model_dir: Path) -> str | None:
-    """Why a consolidated model directory is not whole (one line), or None: its own marker reads
-    and lists every file with its size."""
-    marker, problem = read_record(model_dir / MARKER)
-    if marker is None:
-        return problem
-    return inventory_problem(model_dir, marker.get("files") or {})
-
-
-def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path | None = None,
-                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write the model directory of a checkpoint (default ``<ckpt>/model``) from its DeepSpeed
-    files and its ``model_files`` (config, tokenizer, provenance, task.json), one output shard at
-    a time; returns it. Extra memory: the largest tensor plus one output shard.
-
-    Written with its own ``COMPLETE.json`` (listing its files; the checkpoint's marker is left as
-    it is) under ``<out>.<pid>.tmp``, then renamed; a whole one already there is kept, so
-    several processes (the ranks of a fine-tune given a run directory) may consolidate at once.
-    """
-    from model.io import read_model_config, write_weights
-    from model.task_io import is_task_dir, write_task_weights
-
-    ckpt_dir = Path(ckpt_dir)
-    out = Path(out) if out is not None else ckpt_dir / MODEL_DIR
-    if out.is_dir() and model_dir_problem(out) is None:
-        return out
-    files_dir = ckpt_dir / MODEL_FILES
-    if not (files_dir / "model_config.json").is_file():
-        raise DataError(f"{ckpt_dir} has no {MODEL_FILES}/model_config.json (saved by an older version, "
-                        "or not a checkpoint directory); pass a checkpoint directory written by this "
-                        "project, or a run directory")
-    start = time.perf_counter()
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # own name: ranks may consolidate at once
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(files_dir, tmp)
-    cfg = read_model_config(files_dir)
-    stats: dict[str, int] = {}
-    write = write_task_weights if is_task_dir(files_dir) else write_weights
-    write(tmp, iter_fp32_weights(ckpt_dir, stats), cfg, max_shard_bytes)
-    atomic_write_json(tmp / MARKER, {"source": ckpt_dir.name,
-                                     "files": file_inventory(tmp, skip=lambda rel: rel == MARKER)})
-    if out.is_dir() and model_dir_problem(out) is None:  # another process finished first
-        shutil.rmtree(tmp)
-        return out
-    if out.exists():
-        shutil.rmtree(out)  # a damaged or unfinished one
-    os.replace(tmp, out)
-    log.info("consolidated %s into %s in %.2f s (%.1f MB read)", ckpt_dir, out,
-             time.perf_counter() - start, stats.get("bytes_read", 0) / 1e6)
-    return out
