@@ -3,7 +3,8 @@
     python bench/gpu_check.py prepare --out runs/gpu_check      # CPU only: data and configs
     python bench/gpu_check.py model   --out runs/gpu_check      # CPU fp32 vs GPU fp32 vs GPU bf16
     python bench/gpu_check.py steps   --out runs/gpu_check      # launcher: GPU vs CPU, bf16, resume
-    python bench/gpu_check.py speed   --out runs/gpu_check      # 1.3B shape: tokens/s, MFU, memory
+    python bench/gpu_check.py speed   --out runs/gpu_check      # 1.3B shape: tokens/s, MFU, memory,
+                                                                #   compile on/off, chunked/full loss
 
 Each check prints ``PASS``/``FAIL``/``INFO`` lines and the process exits 1 when one failed.
 ``--device cpu`` runs the same code with the CPU standing in for the GPU (the test suite uses it
@@ -190,27 +191,42 @@ def check_steps(configs: dict[str, Path], out: Path, device: str, steps: int) ->
                f"diff {worst:.2e} from the uninterrupted run (tol 1e-5)")
 
 
-def check_speed(configs: dict[str, Path], out: Path, device: str, steps: int, preset: str) -> None:
-    """The 1.3B shape (bf16, ZeRO-1, micro batch 8 x 2048): tokens/s, MFU and peak memory over
-    ``steps`` steps, beside the --dry-run model-state estimate."""
-    got = launcher(configs["big"], out / "runs" / "speed", device, f"train.max_steps={steps}",
-                   f"model.preset={preset}")
-    if not got:
-        return
-    late = [got[s] for s in sorted(got) if s > min(5, steps - 1)]
-    tps = statistics.median(r["train/tokens_per_second"] for r in late)
-    mfu = [r["train/mfu"] for r in late if "train/mfu" in r]
-    memory = max(r["train/memory_gb"] for r in late)
+SPEED_VARIANTS = (
+    # (name, overrides): the recipe as shipped (compile on, chunked loss), then one change each
+    ("compile on, chunked loss", ("train.compile=true", "train.loss_chunk_tokens=1024")),
+    ("compile off, chunked loss", ("train.compile=false", "train.loss_chunk_tokens=1024")),
+    ("compile on, full fp32 logits", ("train.compile=true", "train.loss_chunk_tokens=0")),
+)
+
+
+def check_speed(configs: dict[str, Path], out: Path, device: str, steps: int, preset: str,
+                variants: int = len(SPEED_VARIANTS)) -> None:
+    """The 1.3B shape (bf16, ZeRO-1, micro batch 8 x 2048): tokens/s, MFU, peak memory and time
+    to the first step over ``steps`` steps for the recipe as shipped (compile on, chunked loss)
+    and with compile off and with the full fp32 logits (the first ``variants`` of
+    :data:`SPEED_VARIANTS`), beside the --dry-run estimate."""
     dry = subprocess.run([sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--config", str(configs["big"]),
                           "--dry-run", "--world-size", "1", f"model.preset={preset}"],
                          cwd=ROOT, capture_output=True, text=True)
-    estimate = next((line.split(":")[1].split(",")[0].strip() for line in dry.stdout.splitlines()
-                     if "<- this plan" in line), "?")
-    mfu_text = f"MFU {statistics.median(mfu) * 100:.1f}%" if mfu else "MFU not reported (unknown device)"
-    report(all(math.isfinite(r["train/loss"]) for r in got.values()), f"{preset} shape throughput",
-           f"{tps:,.0f} tokens/s (median of steps after the 5th), {mfu_text}")
-    report(None, f"{preset} shape memory", f"peak {memory:.1f} GiB allocated; --dry-run model state {estimate} "
-           "(activations are the rest)")
+    estimate = next((line.strip() for line in dry.stdout.splitlines() if "<- this plan" in line), "?")
+    base: float | None = None
+    for i, (name, overrides) in enumerate(SPEED_VARIANTS[:variants]):
+        got = launcher(configs["big"], out / "runs" / f"speed{i}", device, f"train.max_steps={steps}",
+                       f"model.preset={preset}", *overrides)
+        if not got:
+            continue
+        late = [got[s] for s in sorted(got) if s > min(5, steps - 1)]
+        tps = statistics.median(r["train/tokens_per_second"] for r in late)
+        base = base or tps
+        mfu = [r["train/mfu"] for r in late if "train/mfu" in r]
+        memory = max(r["train/memory_gb"] for r in late)
+        first = next((r["startup/seconds_to_first_step"] for r in got.values()
+                      if "startup/seconds_to_first_step" in r), float("nan"))
+        mfu_text = f"MFU {statistics.median(mfu) * 100:.1f}%" if mfu else "MFU not reported (unknown device)"
+        report(all(math.isfinite(r["train/loss"]) for r in got.values()), f"{preset} shape, {name}",
+               f"{tps:,.0f} tokens/s ({tps / base:.2f}x the first), {mfu_text}, peak {memory:.1f} GiB "
+               f"allocated, {first:.0f} s to the first step (median of steps after the 5th)")
+    report(None, f"{preset} shape --dry-run plan", estimate)
 
 
 def main() -> int:
@@ -223,6 +239,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16, help="steps check: launcher steps per run")
     parser.add_argument("--speed-steps", type=int, default=30, help="speed check: steps of the 1.3B shape")
     parser.add_argument("--speed-preset", default="1.3B", help="speed check: model preset (tiny for plumbing)")
+    parser.add_argument("--speed-variants", type=int, default=len(SPEED_VARIANTS),
+                        help="speed check: how many of compile on / compile off / full logits to run")
     args = parser.parse_args()
     if args.device != "cpu" and args.check != "prepare":  # preparing the data needs no GPU
         import torch
@@ -237,7 +255,7 @@ def main() -> int:
     if args.check in ("steps", "all"):
         check_steps(configs, args.out, args.device, args.steps)
     if args.check in ("speed", "all"):
-        check_speed(configs, args.out, args.device, args.speed_steps, args.speed_preset)
+        check_speed(configs, args.out, args.device, args.speed_steps, args.speed_preset, args.speed_variants)
     if FAILED:
         print(f"{len(FAILED)} check(s) failed: {', '.join(FAILED)}")
         return 1

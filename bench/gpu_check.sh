@@ -16,7 +16,9 @@
 # Checks, one line each (bench/gpu_check.py): same initial weights on CPU and GPU; forward and
 # backward of the 1.3B layer shape on CPU fp32 vs GPU fp32 vs GPU bf16 with the flash SDPA kernel;
 # 16 launcher steps on GPU vs CPU (fp32) and bf16 vs fp32; save at step 8 and resume; tokens/s,
-# MFU and peak memory of the 1.3B shape for 30 steps beside the --dry-run estimate.
+# MFU, peak memory and time to the first step of the 1.3B shape for 30 steps with compile on and
+# the chunked loss (the recipe), compile off, and the full fp32 logits, beside the --dry-run plan.
+# Under the 15-minute device budget: `bash bench/gpu_check.sh --speed-steps 20 --speed-variants 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
