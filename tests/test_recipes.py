@@ -32,6 +32,8 @@ COVERED = {
     "pretrain/cpu_demo.yaml": "tests/test_demo.py (the reduced demo)",
     "finetune/uci_sentiment.yaml": "tests/test_finetune.py::test_two_rank_zero2_finetune_resume_and_predict",
 }
+# the GPU recipe that runs with train.compile as written (the others with it off, to save time)
+COMPILED_RECIPE = "gpu_7b_zero3.yaml"
 PRETRAIN_RECIPES = sorted(p.name for p in (ROOT / "configs" / "pretrain").glob("*.yaml")
                           if f"pretrain/{p.name}" not in COVERED)
 FINETUNE_RECIPES = sorted(p.name for p in (ROOT / "configs" / "finetune").glob("*.yaml")
@@ -54,7 +56,7 @@ def manifest(tmp_path_factory) -> Path:
     return shared_token_dataset(tmp_path_factory)
 
 
-def shrink_pretrain(cfg: dict, manifest: Path, run_dir: Path) -> list[str]:
+def shrink_pretrain(name: str, cfg: dict, manifest: Path, run_dir: Path) -> list[str]:
     """Overrides that shrink a pretraining recipe to the tests' size and nothing else."""
     sources = len(cfg["data"]["manifests"])
     micro = cfg["train"]["micro_batch_size"]
@@ -65,6 +67,11 @@ def shrink_pretrain(cfg: dict, manifest: Path, run_dir: Path) -> list[str]:
         out.append(f"train.global_batch_size={micro * 2 * 2}")  # 2 accumulated micro batches x 2 ranks
     if cfg["train"].get("zero", {}).get("zero_hpz_partition_size", 1) > 2:
         out.append("train.zero.zero_hpz_partition_size=2")  # hpZ groups of both ranks instead of a node's 8 GPUs
+    if cfg["train"].get("compile") and name != COMPILED_RECIPE:
+        # inductor compiles C++ for every batch shape on CPU (~30 s a recipe on 2 cores): one
+        # recipe runs compiled (ZeRO-3 hooks, selective checkpointing); tests/test_compile.py
+        # compares compiled and eager losses
+        out.append("train.compile=false")
     return out
 
 
@@ -86,7 +93,7 @@ def test_pretrain_recipe_runs_as_written(name, manifest, tmp_path):
 
     cfg = recipe("pretrain", name)
     run = tmp_path / "run"
-    launch(PRETRAIN, f"configs/pretrain/{name}", shrink_pretrain(cfg, manifest, run), tmp_path / "logs").check()
+    launch(PRETRAIN, f"configs/pretrain/{name}", shrink_pretrain(name, cfg, manifest, run), tmp_path / "logs").check()
     got = metrics(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert all(math.isfinite(got[s]["train/loss"]) for s in got)
@@ -94,7 +101,10 @@ def test_pretrain_recipe_runs_as_written(name, manifest, tmp_path):
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     for section, key in (("train", "zero_stage"), ("train", "precision"), ("train", "offload_optimizer"),
                          ("train", "offload_params"), ("optim", "implementation"),
-                         ("model", "activation_checkpointing"), ("data", "num_workers"), ("data", "weights")):
+                         ("model", "activation_checkpointing"), ("data", "num_workers"), ("data", "weights"),
+                         ("train", "compile")):
+        if key == "compile" and name != COMPILED_RECIPE:
+            continue  # turned off by shrink_pretrain
         if key in cfg.get(section, {}):
             assert resolved[section][key] == cfg[section][key], f"{section}.{key}"
     ds = json.loads((run / "deepspeed_config.json").read_text())
@@ -103,6 +113,7 @@ def test_pretrain_recipe_runs_as_written(name, manifest, tmp_path):
         got = ds.get(key) if key == "communication_data_type" else ds["zero_optimization"][key]
         assert got == (2 if key == "zero_hpz_partition_size" else value), f"train.zero.{key}"
     log = (run / "logs" / "rank0.log").read_text()
+    assert ("torch.compile on: 2 Transformer blocks" in log) == (name == COMPILED_RECIPE), log[-2000:]
     wanted = "DeepSpeedCPUAdam" if cfg.get("optim", {}).get("implementation") == "deepspeed" else "SkippingAdamW"
     assert f"optimizer {wanted}" in log, log[-2000:]
     latest = json.loads((run / "latest.json").read_text())
