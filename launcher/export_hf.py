@@ -47,7 +47,7 @@ def _build_parser(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from model.convert import export_hf, import_hf
-    from model.io import find_model_dir
+    from model.io import find_model_dir, is_task_dir
 
     out: Path = args.output
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.import_hf is not None:
         import_hf(args.import_hf, out)
     else:
-        from model.task_io import export_task_hf, is_task_dir
+        from model.task_io import export_task_hf
 
         model_dir = find_model_dir(args.model)
         if is_task_dir(model_dir):  # a fine-tuned task model -> LlamaFor{SequenceClassification,...}
