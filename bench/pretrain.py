@@ -20,7 +20,7 @@
    vocabulary and at a 32k one.
 
     python bench/pretrain.py                                  # token shards built from data/sample
-    python bench/pretrain.py --manifest /work/shared/data/.../manifest.json --steps 30
+    python bench/pretrain.py --manifest ../shared/data/.../manifest.json --steps 30
 """
 
 from __future__ import annotations
