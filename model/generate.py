@@ -8,7 +8,7 @@ ever attends to padding, so a prompt's continuation does not depend on what it w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -91,9 +91,14 @@ def _last_logits(model: Transformer, tokens: torch.Tensor, positions: torch.Tens
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], sampling: SamplingConfig,
-             pad_id: int = 0) -> list[list[int]]:
+             pad_id: int = 0, stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """New token ids for each prompt (token ids, each non-empty), up to ``max_new_tokens``,
-    stopping at ``eos_id`` (which is not included in the result)."""
+    stopping at ``eos_id`` (which is not included in the result).
+
+    ``stop(row, new_ids)``, when given, is asked after each token a row receives; True ends that
+    row there, keeping the token (stop sequences: the caller decodes ``new_ids`` and looks for
+    its stop strings, then cuts the text at the first one).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. start it with BOS)")
     device = next(model.parameters()).device
@@ -122,6 +127,8 @@ def generate(model: Transformer, prompts: list[list[int]], sampling: SamplingCon
             done |= chosen == sampling.eos_id
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(chosen[row]))
+            if stop is not None and stop(row, out[row]):
+                done[row] = True
         if bool(done.all()) or step == sampling.max_new_tokens - 1:
             break
         keys_valid[:, width + step] = True
