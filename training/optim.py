@@ -8,17 +8,29 @@ from typing import Any
 
 import torch
 
+from model.transformer import Embedding
 from training.collectives import true_on_every_rank
 from training.config import OptimConfig
 
+# the module types whose parameters are embeddings: torch's and the Transformer's own
+EMBEDDING_MODULES: tuple[type[torch.nn.Module], ...] = (torch.nn.Embedding, Embedding)
+
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """Two AdamW groups: weight matrices decayed; norms, biases and (by default) embeddings not.
+    """AdamW groups as the README documents them: weight matrices decayed (``optim.weight_decay``);
+    norm gains, biases and embeddings not (weight decay 0), unless
+    ``optim.decay_norms_and_embeddings``, which decays every parameter with at least one dimension.
 
-    Embeddings are recognised as parameters of ``nn.Embedding`` modules.
+    Embeddings are the parameters of the modules of :data:`EMBEDDING_MODULES` (``nn.Embedding`` and
+    the Transformer's :class:`model.transformer.Embedding`); norm gains and biases are the
+    parameters with fewer than two dimensions (RMSNorm gains, the biases of task heads). A tied
+    output head shares the embedding's parameter: it is one parameter, listed once (in the
+    undecayed group, as an embedding); an untied output head is a weight matrix and is decayed.
+    Parameters keep the order of ``model.named_parameters()`` within each group, which fixes the
+    layout of the optimizer state in checkpoints.
     """
     embedding_params = {
-        id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
+        id(p) for m in model.modules() if isinstance(m, EMBEDDING_MODULES) for p in m.parameters()
     }
     decay, no_decay, seen = [], [], set()
     for _, p in model.named_parameters():
