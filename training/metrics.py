@@ -3,9 +3,12 @@
 The metrics of a step (``train/loss``, ``train/lr``, ``train/grad_norm``,
 ``train/tokens_per_second``, ``train/mfu``, ``train/data_wait_fraction``, ``train/step_time``,
 ``train/memory_gb``, ``train/skipped_steps``, ``data/skipped_samples``; ``val/loss``,
-``val/perplexity`` or ``dev/...``; ``checkpoint/save_seconds``;
-``startup/seconds_to_first_step`` with step 1) are built by the loop and written
-by :class:`training.callbacks.metrics.MetricsLogger`. ``data/skipped_samples`` is the run's total
+``val/perplexity``, ``val/bits_per_byte``, ``val/<source>/loss`` and
+``val/<source>/bits_per_byte`` (a subset of each source's validation split, see
+:meth:`training.steps.language_model.LanguageModelStep.evaluate`), the same under ``val_full/``
+once at the end (every validation sequence), or ``dev/...`` for task heads;
+``checkpoint/save_seconds``; ``startup/seconds_to_first_step`` with step 1) are built by the loop
+and written by :class:`training.callbacks.metrics.MetricsLogger`. ``data/skipped_samples`` is the run's total
 of training samples the loader replaced because their shard was unusable
 (``data.on_corrupt_shard=skip``), summed over ranks within the step's one all-reduce and kept in
 the checkpoints' trainer state.

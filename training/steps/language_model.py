@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 from crucible.errors import DataError, UserError
+from crucible.fileio import sha256_file
 from crucible.provenance import provenance
 from data_pipeline.loader.evaluation import build_eval_loader
 from data_pipeline.loader.train import build_train_loader
 from data_pipeline.shards.manifest import MANIFEST_FILE, is_url
+from data_pipeline.tokenizer.byte_lengths import token_byte_lengths
+from data_pipeline.tokenizer.folder import MODEL_FILE, load_sentencepiece
 from model.compile import compile_blocks
 from model.config import ModelConfig, max_seq_len_is_explicit, resolve_model_config
 from model.io import save_model_dir
@@ -119,15 +123,61 @@ def build_language_model(model_cfg: ModelConfig, ds_config: dict[str, Any], seed
     return build_transformer(model_cfg, device=device, seed=seed, dtype=torch.float32)
 
 
+def next_token_sums(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
+                    byte_lengths: torch.Tensor | None) -> torch.Tensor:
+    """(3,) float64: the summed next-token cross-entropy in nats of the rows ``keep`` of
+    ``logits`` (B, T, V) against ``targets`` (B, T), their number of target tokens, and the UTF-8
+    bytes those targets decode to (``byte_lengths``: bytes per token id; None: 0). Computed in
+    fp32 one row at a time, so only one row's logits are upcast at once."""
+    row_nats = torch.stack([F.cross_entropy(logits[r].float(), targets[r], reduction="sum")
+                            for r in range(targets.shape[0])]).double()  # (B,)
+    kept = targets[keep]  # (rows kept, T)
+    nbytes = byte_lengths[kept].sum() if byte_lengths is not None else 0
+    return torch.stack([row_nats[keep].sum(), torch.tensor(float(kept.numel()), dtype=torch.float64,
+                                                           device=logits.device),
+                        torch.as_tensor(nbytes, dtype=torch.float64, device=logits.device)])
+
+
+def validation_metrics(prefix: str, names: list[str], nats: list[float], tokens: list[float],
+                       nbytes: list[float] | None) -> dict[str, float]:
+    """Validation metrics from per-source sums of next-token cross-entropy (``nats``), target
+    tokens and the UTF-8 bytes those tokens decode to (``nbytes``; None: unknown).
+
+    Per source: ``<prefix>/<source>/loss`` (nats per token) and ``<prefix>/<source>/bits_per_byte``
+    (``nats / ln 2 / bytes``); over all sources: ``<prefix>/loss``, the token-weighted mean of the
+    sources' losses (total nats over total tokens), ``<prefix>/perplexity`` and
+    ``<prefix>/bits_per_byte`` (total nats / ln 2 / total bytes). A source with no token counted
+    is left out. Bits per byte do not depend on the tokenizer: they compare runs with different
+    vocabularies.
+    """
+    out: dict[str, float] = {}
+    for s, name in enumerate(names):
+        if tokens[s] > 0:
+            out[f"{prefix}/{name}/loss"] = nats[s] / tokens[s]
+            if nbytes is not None and nbytes[s] > 0:
+                out[f"{prefix}/{name}/bits_per_byte"] = nats[s] / math.log(2) / nbytes[s]
+    total_tokens = sum(tokens)
+    if total_tokens == 0:
+        return {}
+    loss = sum(nats) / total_tokens
+    out[f"{prefix}/loss"] = loss
+    out[f"{prefix}/perplexity"] = math.exp(min(loss, 80.0))
+    if nbytes is not None and sum(nbytes) > 0:
+        out[f"{prefix}/bits_per_byte"] = sum(nats) / math.log(2) / sum(nbytes)
+    return out
+
+
 class LanguageModelStep(StepModule):
-    """Next-token cross-entropy over packed sequences (no padding), validation loss and
-    perplexity on the manifests' validation splits."""
+    """Next-token cross-entropy over packed sequences (no padding); validation loss, perplexity
+    and bits per byte per source (each manifest's validation split) and over all of them."""
 
     def __init__(self, cfg: PretrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.run_dir)
         self.model_state_gb: float | None = None
         self._val_warned = False
+        self._byte_lengths: torch.Tensor | None = None
+        self._bytes_warned = False
 
     def prepare(self, plan: BatchPlan) -> Any:
         if not self.cfg.data.manifests:
@@ -146,6 +196,9 @@ class LanguageModelStep(StepModule):
         self.run_config = self.cfg.model_copy(update={"model": self.model_cfg})
         self.tokenizer_sha256 = tokenizer_sha256(self.loader)
         self.tokenizer_dir = tokenizer_source_dir(self.loader, self.cfg.data.manifests[0])
+        train = self.cfg.train
+        self.eval_samples = train.eval_batches * plan.micro_batch_size * (train.planned_world_size
+                                                                           or plan.data_parallel_size)
         return self.loader
 
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
@@ -186,32 +239,74 @@ class LanguageModelStep(StepModule):
         return StepOutput(loss_sum, float(len(batch)), tokens, extra)
 
     def evaluate(self) -> dict[str, float] | None:
-        """Mean per-token validation loss over ``train.eval_batches`` micro batches per rank."""
+        """Validation during training (``val/...``, see :func:`validation_metrics`) on a fixed
+        subset: ``train.eval_batches`` x micro batch x planned ranks (``train.planned_world_size``,
+        else this run's) sequences shared evenly over the sources, the first of each source's
+        validation split; the same sequences at every evaluation and on any number of ranks."""
+        return self._validate("val", self.eval_samples)
+
+    def evaluate_full(self) -> dict[str, float] | None:
+        """Called by the trainer once at the end of the run: every sequence of every source's
+        validation split (``val_full/...``), when ``train.eval_full_at_end``."""
+        return self._validate("val_full", None) if self.cfg.train.eval_full_at_end else None
+
+    def _validate(self, prefix: str, max_samples: int | None) -> dict[str, float] | None:
+        """Summed next-token cross-entropy (nats), target tokens and their UTF-8 bytes per source
+        over this rank's share of the evaluated sequences, summed over ranks in one all-reduce.
+
+        The loss is computed from the logits row by row (the last micro batch of a source has
+        rows to leave out, and its shape must stay the training shape: compiled blocks and ZeRO-3
+        run every rank's forward passes together), so an evaluation holds one micro batch's
+        (tokens x vocabulary) logits in the model dtype.
+        """
         try:
-            batches = build_eval_loader(self.cfg.data, self.cfg.train.micro_batch_size,
-                                        self.ctx.rank, self.ctx.world_size, split="validation")
+            loader = build_eval_loader(self.cfg.data, self.cfg.train.micro_batch_size, self.ctx.rank,
+                                       self.ctx.world_size, split="validation", max_samples=max_samples)
         except DataError as exc:
             if not self._val_warned:
                 log.warning("no validation: %s", exc)
                 self._val_warned = True
             return None
+        device = self.ctx.device
+        byte_lengths = self._token_byte_lengths()
+        # per source: nats, target tokens, target bytes; then 1 per rank that counted bytes
+        sums = torch.zeros(3 * len(loader.names) + 1, dtype=torch.float64, device=device)
+        sums[-1] = float(byte_lengths is not None)
         self.engine.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-        count = 0
         with torch.no_grad():
-            for i, tokens in enumerate(batches):
-                if i >= self.cfg.train.eval_batches:
-                    break
-                n = tokens[:, 1:].numel()
-                loss_sum += self._loss(tokens).double() * n
-                count += n
+            for batch in loader:
+                tokens = batch.tokens.to(device, non_blocking=True)
+                keep = batch.keep.to(device)
+                logits = self.engine(tokens[:, :-1])  # (B, T, V)
+                at = 3 * batch.source
+                sums[at:at + 3] += next_token_sums(logits, tokens[:, 1:], keep, byte_lengths)
         self.engine.train()
-        local = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=self.ctx.device)])
-        total_loss, total_count = sum_over_ranks(local, self.ctx.device).tolist()
-        if total_count == 0:
-            return None
-        val_loss = total_loss / total_count
-        return {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 80.0))}
+        totals = sum_over_ranks(sums, device).cpu()
+        with_bytes = int(totals[-1]) == self.ctx.world_size  # every rank has the tokenizer
+        per_source = totals[:-1].view(-1, 3)
+        return validation_metrics(prefix, loader.names, per_source[:, 0].tolist(), per_source[:, 1].tolist(),
+                                  per_source[:, 2].tolist() if with_bytes else None)
+
+    def _token_byte_lengths(self) -> torch.Tensor | None:
+        """UTF-8 bytes per token id (:func:`token_byte_lengths`) on the device, from the shards'
+        tokenizer (the manifest's folder, else the run directory's copy) when its sha256 is the
+        manifest's; None, with one warning, when there is no such tokenizer (no bits per byte)."""
+        if self._byte_lengths is None and not self._bytes_warned:
+            for folder in (self.tokenizer_dir, self.run_dir / "tokenizer"):
+                model_file = folder / MODEL_FILE if folder is not None else None
+                if model_file is None or not model_file.is_file():
+                    continue
+                if self.tokenizer_sha256 and sha256_file(model_file) != self.tokenizer_sha256:
+                    continue
+                table = token_byte_lengths(load_sentencepiece(folder), self.model_cfg.vocab_size)
+                self._byte_lengths = torch.from_numpy(table).to(self.ctx.device)
+                break
+            else:
+                log.warning("no val/bits_per_byte: the tokenizer the token shards were written with "
+                            "(sha256 %s) is neither in %s nor in %s", self.tokenizer_sha256,
+                            self.tokenizer_dir, self.run_dir / "tokenizer")
+                self._bytes_warned = True
+        return self._byte_lengths
 
     def client_state(self) -> dict[str, Any]:
         return {**super().client_state(),
