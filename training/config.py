@@ -130,7 +130,9 @@ class TrainConfig(Section):
     eval_every: int = Field(50, ge=0)
     """Run validation every N steps (0: only at the end)."""
     eval_batches: int = Field(8, gt=0)
-    """Validation micro batches per evaluation."""
+    """Validation micro batches per evaluation and per planned rank: eval_batches x micro_batch_size x planned_world_size (this run's data-parallel size when null) sequences, shared evenly over the sources' validation splits (the first sequences of each), the same on any number of ranks (val/... metrics)."""
+    eval_full_at_end: bool = True
+    """At the end of the run also evaluate every sequence of every source's validation split (val_full/... metrics at the last step; language modelling): one forward pass per validation sequence."""
     max_bad_steps: int = Field(5, gt=0)
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     collective_timeout_s: float = Field(600.0, gt=0)

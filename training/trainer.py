@@ -397,8 +397,11 @@ class Trainer:
         }
         return metrics, stop > 0
 
-    def _evaluate(self) -> None:
-        metrics = self.step_module.evaluate()
+    def _evaluate(self, full: bool = False) -> None:
+        """The step module's evaluation; ``full``: its end-of-run pass (``evaluate_full``, over
+        all of the validation data), for step modules that have one."""
+        evaluate = getattr(self.step_module, "evaluate_full", None) if full else self.step_module.evaluate
+        metrics = evaluate() if evaluate is not None else None
         if metrics:
             self._fire("post_eval", metrics)
 
@@ -438,6 +441,8 @@ class Trainer:
                 saved_at = step
         if self.evaluations and (eval_every == 0 or self.state.step % eval_every):
             self._evaluate()
+        if self.evaluations:
+            self._evaluate(full=True)
         if self.checkpoints and saved_at != self.state.step:
             self.save()
         self._fire("at_end")

@@ -72,7 +72,7 @@ class MetricsLogger(Callback):
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "consumed_samples": trainer.state.consumed_samples,
                                     **scalars}) + "\n")
-        if step % self.every == 0 or step == 1 or "val/loss" in scalars:
+        if step % self.every == 0 or step == 1 or "val/loss" in scalars or "val_full/loss" in scalars:
             self.tensorboard.scalars(step, scalars)
             shown = " ".join(f"{k.removeprefix('train/').replace('/', '_')}={v:.4g}" for k, v in scalars.items())
             log.info("step %d %s", step, shown)
