@@ -83,9 +83,16 @@ def evaluate_tasks(lm: Any, tasks: Sequence[str], include_paths: Sequence[str | 
     if limit is not None and limit >= 1:
         limit = int(limit)
     manager = manager or task_manager(tasks, include_paths)
-    results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                              num_fewshot=num_fewshot, log_samples=log_samples,
-                              bootstrap_iters=bootstrap_iters)
+    try:
+        results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                  num_fewshot=num_fewshot, log_samples=log_samples,
+                                  bootstrap_iters=bootstrap_iters)
+    except (ConnectionError, FileNotFoundError) as exc:  # the datasets library's "cannot get the data"
+        raise UserError(
+            f"the data of task(s) {', '.join(tasks)} could not be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); standard tasks download "
+            "from the Hugging Face hub once (or read its cache with HF_DATASETS_OFFLINE=1); offline, "
+            "use a task YAML with a local JSON/JSONL data file in an include path") from None
     if results is None:  # only non-zero ranks of the harness's own multi-process runs
         raise RuntimeError("lm-evaluation-harness returned no results")
     return results
