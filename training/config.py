@@ -1,6 +1,6 @@
 """Typed training configuration: one section per component.
 
-Sections: ``optim``, ``schedule``, ``train``, ``checkpoint``, ``log`` and ``task``; the
+Sections: ``optim``, ``schedule``, ``train``, ``checkpoint``, ``log``, ``harness`` and ``task``; the
 pretrain and fine-tune root configs combine them with ``data`` (the loader) and ``model``.
 """
 
@@ -207,6 +207,24 @@ class LogConfig(Section):
     """Log a warning when the loss exceeds this multiple of its running mean."""
 
 
+class HarnessConfig(Section):
+    """Downstream evaluation during pretraining with lm-evaluation-harness (section ``harness``):
+    rank 0 scores the model being trained while the other ranks wait at the next collective."""
+
+    tasks: list[str] = Field(default_factory=list)
+    """Harness task or group names to run (empty: none): the bundled data/sample/eval tasks (crucible_sentiment, crucible_udhr_completion), task YAML files in harness.include_path, or standard tasks (their data from the Hugging Face hub or its cache). Scalars eval/<task>/<metric> go to metrics.jsonl and TensorBoard, the harness's results JSON to <run_dir>/eval/step_NNNNNNNN/."""
+    every: int = Field(0, ge=0)
+    """Run the tasks every N steps and after the last step (0: only after the last step)."""
+    limit: float | None = Field(None, gt=0)
+    """Items per task: a count, or a fraction below 1 (null: all). Keep an evaluation well under train.collective_timeout_s: the other ranks wait for it."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Few-shot examples per item (null: each task's own setting)."""
+    include_path: list[str] = Field(default_factory=list)
+    """Folders of your own task YAML files (the harness's format; a JSON/JSONL data file works offline)."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences per forward pass of the evaluation."""
+
+
 class PretrainConfig(Section):
     """Root config of ``launcher/pretrain.py``."""
 
@@ -219,4 +237,13 @@ class PretrainConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    harness: HarnessConfig = Field(default_factory=HarnessConfig)
+
+    @model_validator(mode="after")
+    def _check_harness(self) -> PretrainConfig:
+        if self.harness.tasks and self.train.zero_stage == 3:
+            raise ValueError(
+                "harness.tasks needs train.zero_stage 0, 1 or 2: under ZeRO-3 each rank holds only a "
+                "slice of the weights; evaluate a saved checkpoint with launcher/evaluate.py instead")
+        return self
 

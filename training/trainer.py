@@ -466,9 +466,16 @@ class Trainer:
 
 
 def default_callbacks(cfg: Any, ctx: DistContext) -> list[Callback]:
-    """Metrics writing and loss-spike logging, plus the test faults set in the environment."""
+    """Metrics writing and loss-spike logging, the harness evaluation when pretraining names
+    tasks (``harness.tasks``), plus the test faults set in the environment."""
     callbacks: list[Callback] = [MetricsLogger(Path(cfg.run_dir), ctx.rank, cfg.log.every, cfg.log.tensorboard),
                                  LossSpikeLogger(cfg.log.loss_spike_factor)]
+    harness = getattr(cfg, "harness", None)  # a pretraining config section only
+    if harness is not None and harness.tasks:
+        from training.callbacks.harness import HarnessEvaluation
+
+        callbacks.append(HarnessEvaluation(harness, Path(cfg.run_dir), ctx.rank, cfg.log.tensorboard,
+                                           cfg.train.collective_timeout_s))
     faults = FaultInjection.from_env()
     return callbacks + ([faults] if faults else [])
 
