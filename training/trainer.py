@@ -398,10 +398,9 @@ class Trainer:
         return metrics, stop > 0
 
     def _evaluate(self, full: bool = False) -> None:
-        """The step module's evaluation; ``full``: its end-of-run pass (``evaluate_full``, over
-        all of the validation data), for step modules that have one."""
-        evaluate = getattr(self.step_module, "evaluate_full", None) if full else self.step_module.evaluate
-        metrics = evaluate() if evaluate is not None else None
+        """The step module's evaluation; ``full``: its end-of-run pass over all of the validation
+        data (:meth:`StepModule.evaluate_full`)."""
+        metrics = self.step_module.evaluate_full() if full else self.step_module.evaluate()
         if metrics:
             self._fire("post_eval", metrics)
 

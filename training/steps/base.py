@@ -92,6 +92,11 @@ class StepModule(ABC):
     def evaluate(self) -> dict[str, float] | None:
         """Evaluation metrics (same on every rank), or None when there is nothing to evaluate."""
 
+    def evaluate_full(self) -> dict[str, float] | None:
+        """The end-of-run evaluation over all of the evaluation data (same on every rank), or None
+        when the workload has none beyond :meth:`evaluate` (the default)."""
+        return None
+
     def client_state(self) -> dict[str, Any]:
         """What this workload adds to a checkpoint's client state."""
         return {"model_config": config_to_dict(self.model_cfg),
