@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from crucible.errors import DataError
-from model.config import ModelConfig
+from model.config import ModelConfig, RopeScalingConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,11 @@ def to_hf_config(cfg: ModelConfig, bos_id: int | None = 1, eos_id: int | None = 
     """``config.json`` contents of the equivalent ``LlamaForCausalLM``.
 
     The rotary base is written both as ``rope_parameters`` (transformers 5) and ``rope_theta``
-    (read by transformers 4 and most other Llama loaders).
+    (read by transformers 4 and most other Llama loaders); a scaled rotary embedding's
+    parameters are in ``rope_parameters`` and, without the base, in the legacy ``rope_scaling``.
     """
-    return {
+    scaling = hf_rope_scaling(cfg.rope_scaling)
+    hf = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -111,7 +113,7 @@ def to_hf_config(cfg: ModelConfig, bos_id: int | None = 1, eos_id: int | None = 
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})},
         "rope_theta": cfg.rope_theta,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -123,6 +125,57 @@ def to_hf_config(cfg: ModelConfig, bos_id: int | None = 1, eos_id: int | None = 
         "pad_token_id": pad_id,
         "dtype": cfg.dtype,
     }
+    if scaling is not None:
+        hf["rope_scaling"] = scaling
+    return hf
+
+
+# Hugging Face's keys of each scaling type (the same names as model.rope_scaling's), besides
+# rope_type, rope_theta, factor and original_max_position_embeddings.
+_HF_SCALING_KEYS = {
+    "llama3": ("low_freq_factor", "high_freq_factor"),
+    "yarn": ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"),
+}
+
+
+def hf_rope_scaling(scaling: RopeScalingConfig) -> dict[str, Any] | None:
+    """Hugging Face's ``rope_scaling`` for ours (``rope_parameters`` less ``rope_theta``);
+    None for plain rotary embeddings. Keys left null (YaRN's derived ones) are left out."""
+    if scaling.type == "none":
+        return None
+    out = {"rope_type": scaling.type, "factor": scaling.factor,
+           "original_max_position_embeddings": scaling.original_max_position_embeddings}
+    for key in _HF_SCALING_KEYS[scaling.type]:
+        if getattr(scaling, key) is not None:
+            out[key] = getattr(scaling, key)
+    return out
+
+
+def _rope_scaling_from_hf(rope_type: str, params: dict[str, Any], max_positions: int) -> RopeScalingConfig:
+    """Our ``rope_scaling`` for Hugging Face's parameters, with the defaults transformers uses
+    for absent keys (``original_max_position_embeddings``: ``max_position_embeddings``; YaRN's
+    ``factor``: their ratio; null betas: 32 and 1)."""
+    if rope_type not in _HF_SCALING_KEYS:
+        raise _unsupported("rope_type", rope_type, "only default, llama3 and yarn rotary "
+                           "embeddings are implemented (model.rope_scaling.type)")
+    original = params.get("original_max_position_embeddings") or max_positions
+    factor = params.get("factor")
+    if factor is None and rope_type == "yarn":
+        factor = max_positions / original
+    if factor is None:
+        raise _unsupported("rope_parameters", params, "llama3 scaling needs a factor")
+    values: dict[str, Any] = {"type": rope_type, "factor": factor,
+                              "original_max_position_embeddings": original}
+    for key in _HF_SCALING_KEYS[rope_type]:
+        if params.get(key) is not None:
+            values[key] = params[key]
+    if rope_type == "yarn":  # transformers reads these with `or`: 0 and null mean the default
+        values["beta_fast"] = params.get("beta_fast") or 32.0
+        values["beta_slow"] = params.get("beta_slow") or 1.0
+    try:
+        return RopeScalingConfig(**values)
+    except ValueError as exc:
+        raise _unsupported("rope_parameters", params, str(exc)) from None
 
 
 def _unsupported(key: str, value: Any, why: str) -> DataError:
@@ -131,7 +184,8 @@ def _unsupported(key: str, value: Any, why: str) -> DataError:
 
 def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     """Our config for a Hugging Face Llama ``config.json``; refuses what our model cannot
-    represent exactly (biases, rope scaling, other activations, an odd head_dim)."""
+    represent exactly (biases, rope scalings other than llama3 and yarn, other activations, an
+    odd head_dim)."""
     if hf.get("model_type") != "llama":
         raise _unsupported("model_type", hf.get("model_type"), "only Llama models can be imported")
     for flag in ("attention_bias", "mlp_bias"):
@@ -141,12 +195,14 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         raise _unsupported("hidden_act", hf["hidden_act"], "our MLP is SwiGLU (silu)")
     if (hf.get("pretraining_tp") or 1) != 1:
         log.info("ignoring pretraining_tp=%s (it only changes how HF splits matmuls)", hf["pretraining_tp"])
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise _unsupported("rope_type", rope_type, "only plain rotary embeddings are implemented")
+    # transformers 5 reads the legacy rope_scaling in preference to rope_parameters
+    legacy = hf.get("rope_scaling") or {}
+    rope = {**(hf.get("rope_parameters") or {}), **legacy}
+    rope_type = legacy.get("rope_type") or legacy.get("type") or rope.get("rope_type") or "default"
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    max_positions = hf.get("max_position_embeddings", 2048)
+    scaling = (RopeScalingConfig() if rope_type == "default"
+               else _rope_scaling_from_hf(rope_type, rope, max_positions))
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if head_dim * heads != hf["hidden_size"]:
@@ -156,8 +212,8 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-        ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        ffn_dim=hf["intermediate_size"], max_seq_len=max_positions,
+        rope_theta=float(theta), rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02),
         dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
