@@ -24,6 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from crucible.errors import ConfigError
+from model.attention import (
+    DocumentMask,
+    attend,
+    build_document_mask,
+    document_ids,
+    document_positions,
+)
 from model.config import ModelConfig
 from model.loss import chunked_cross_entropy
 
@@ -187,7 +195,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: DocumentMask | None = None) -> torch.Tensor:
+        """Without ``cache``: causal attention, or restricted by a document ``mask``
+        (:func:`model.attention.build_document_mask`). With ``cache``: ``mask`` is the boolean
+        (B, 1, T, cache length) mask of the cached keys each query may see."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -195,7 +206,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = attend(q, k, v, mask, gqa)  # (B, H, T, D)
         else:
             k_cache, v_cache, start = cache
             k_cache[:, :, start:start + T] = k
@@ -233,7 +244,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: DocumentMask | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -243,6 +254,10 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.attention == "document" and cfg.eos_id is None:
+            raise ConfigError("model.attention=document needs model.eos_id, the token that ends each "
+                              "document in a packed sample: set it (pretraining fills it from the token "
+                              "shards' tokenizer) or set model.attention=causal")
         self.cfg = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -278,7 +293,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, targets: torch.Tensor | None = None,
                 loss_chunk_tokens: int | None = None, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: DocumentMask | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for ``tokens`` (B, T); other arguments as :meth:`hidden_states`.
 
         With ``targets`` (B, T): the mean cross-entropy (fp32 scalar) of the logits against them
@@ -291,17 +306,26 @@ class Transformer(nn.Module):
         return self.lm_head(hidden, targets, loss_chunk_tokens)
 
     def hidden_states(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
-                      cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, mask: DocumentMask | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, dim) for ``tokens`` (B, T): what the output head
         and the task heads read.
 
-        Training/scoring: only ``tokens`` (causal attention over the sequence). Incremental
-        decoding (see :mod:`model.generate`): ``positions`` (B, T), ``cache`` (appended to at
-        ``cache.length``, which then advances by T) and a boolean ``mask`` (B, 1, T, cache
-        length + T) of the keys each query may see.
+        Training/scoring: only ``tokens``; attention is causal over the sequence, or with
+        ``model.attention: document`` restricted to each token's document (documents end at
+        ``eos_id``; rotary positions restart at each document).
+        ``positions`` and a document ``mask`` given (code that splits the sequence) replace the
+        ones derived from ``tokens``. Incremental decoding (see :mod:`model.generate`), always
+        causal: ``positions`` (B, T), ``cache`` (appended to at ``cache.length``, which then
+        advances by T) and a boolean ``mask`` (B, 1, T, cache length + T) of the keys each query
+        may see.
         """
         T = tokens.shape[1]
         x = self.embed(tokens)  # (B, T, C)
+        if cache is None and mask is None and self.cfg.attention == "document":
+            doc_ids = document_ids(tokens, self.cfg.eos_id)  # (B, T)
+            mask = build_document_mask(doc_ids)
+            if positions is None:
+                positions = document_positions(doc_ids)  # (B, T)
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
         inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=tokens.device)
