@@ -223,12 +223,15 @@ class TrainLoader(LoaderBase):
             if state.get(key) != mine:
                 raise DataError(
                     f"loader state was saved with {key}={state.get(key)!r} but this run has {mine!r}; "
-                    "resume with the same manifests, data.seed and data.shuffle_buffer_shards"
+                    "resume with the same manifests, data.seed and data.shuffle_buffer_shards (to train "
+                    "on another mix from some step on, declare it as a data phase: data.phases="
+                    "[{start_step: <step>, manifests: [...], weights: [...]}])"
                 )
         if not np.allclose(state["weights"], self._schedule.weights, rtol=0, atol=1e-12):
             raise DataError(
                 f"loader state was saved with mixing weights {state['weights']} but this run has "
-                f"{self._schedule.weights}; resume with the same data.weights"
+                f"{self._schedule.weights}; resume with the same data.weights (or declare the new "
+                "weights as a data phase: data.phases=[{start_step: <step>, manifests: [...], weights: [...]}])"
             )
         if len(state.get("sources", [])) != len(self.sources):
             raise DataError(f"loader state has {len(state.get('sources', []))} sources, this run {len(self.sources)}")
@@ -237,6 +240,11 @@ class TrainLoader(LoaderBase):
                     for src, s in zip(state["sources"], self.sources, strict=True)]
         self._schedule.consumed_samples = int(state["consumed_samples"])
         self._schedule.source_consumed = consumed
+
+    def rewind(self) -> None:
+        """Back to the first sample of the order (nothing consumed)."""
+        self._close_iterator()
+        self._schedule = Schedule(self.sources)
 
     @property
     def consumed_samples(self) -> int:
@@ -248,5 +256,9 @@ class TrainLoader(LoaderBase):
 
 
 def build_train_loader(cfg: LoaderConfig, micro_batch_size: int, rank: int, world_size: int) -> TrainLoader:
-    """The training stream of one rank (see the module docstring for order and state)."""
+    """The training stream of one rank over one mix (see the module docstring for order and
+    state); :func:`data_pipeline.loader.phases.build_train_stream` also takes ``data.phases``."""
+    if cfg.phases:
+        raise DataError("data.phases needs the phased loader: build it with "
+                        "data_pipeline.loader.phases.build_train_stream")
     return TrainLoader(cfg, micro_batch_size, rank, world_size)
