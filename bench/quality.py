@@ -4,9 +4,14 @@ Both sides start from the same raw documents and get the same wall-clock budget 
 every stage and process start-up included, and are scored by the same code on the same held-out
 documents, which neither trains on.
 
-0. Corpus (common, not counted): the bundled sample (``configs/data/sample.yaml``'s sources,
-   ``data/sample``) read with the project's readers (JSON lines, news lines, WARC pages with their
-   HTML turned into text by the same extractor for both sides; nothing is filtered). A fixed
+0. Corpus (common, not counted), read with the project's readers (nothing is filtered):
+   ``--corpus news`` (default): English news, the bundled ABC articles (``data/sample/news``) and
+   the 2,225 BBC News articles (``--bbc``, by default ``../shared/data/news/bbc`` beside the
+   checkout; origin and commit in its SOURCES.md); ``--corpus sample``: the bundled sample as the
+   sample recipe reads it (``configs/data/sample.yaml``: raw multilingual Common Crawl as JSON
+   lines and WARC pages, their HTML turned into text by the same extractor for both sides, plus
+   the ABC news), where the recipe's English-only cleaning removes most of what the held-out
+   bytes are made of (see the README). A fixed
    share of the documents (``--heldout-fraction``, chosen by a seeded hash of the text, so
    identical documents fall on the same side) is held out; the rest is written as JSON lines, one
    folder per source, which both sides read.
@@ -41,8 +46,9 @@ EOS in front, so every document token is predicted), packed end to end and cut i
 fp32, with each side's final model. Counting bytes of text, not tokens, makes the two tokenizers
 comparable.
 
-    python bench/quality.py                         # 420 s per side, about 16 minutes in all
+    python bench/quality.py                         # news corpus, 420 s per side, ~16 minutes
     python bench/quality.py --budget-seconds 360
+    python bench/quality.py --corpus sample         # the bundled multilingual web sample
 """
 
 from __future__ import annotations
@@ -85,10 +91,23 @@ def build_corpus(out: Path, args: argparse.Namespace) -> tuple[list[dict], dict[
     from data_pipeline.clean.documents import Document
     from data_pipeline.clean.extract import extract_html
     from data_pipeline.clean.readers.inputs import expand_inputs, source_config
+    from data_pipeline.clean.config import SourceConfig
     from data_pipeline.clean.readers.registry import read_input
     from data_pipeline.config import DataPrepConfig
 
     cfg = load_config(DataPrepConfig, ROOT / DATA_CONFIG, [f"input={ROOT / 'data' / 'sample'}"])
+    if args.corpus == "news":
+        bbc = args.bbc.resolve()
+        if not (bbc / "bbc" / "business").is_dir() and not (bbc / "business").is_dir():
+            raise SystemExit(f"--corpus news needs the BBC News articles (five topic folders of .txt files): "
+                             f"{bbc} has none; pass --bbc <folder> (origin: see ../shared/data/news/bbc/"
+                             "SOURCES.md) or use --corpus sample")
+        cfg.data.sources = [
+            SourceConfig(name="news", path=str(ROOT / "data" / "sample" / "news" / "lee_abc" / "*.cor"),
+                         format="lines"),
+            SourceConfig(name="bbc", path=str(bbc / "bbc" if (bbc / "bbc").is_dir() else bbc) + "/*/*.txt",
+                         format="text"),
+        ]
     files, _ = expand_inputs(cfg.data, cfg.input)
     heldout: list[dict] = []
     counts: dict[str, int] = {}
@@ -466,6 +485,13 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8000, help="the peer's tokenizer (ours: the sample "
                         "recipe's tokenizer.vocab_size)")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--corpus", choices=("news", "sample"), default="news",
+                        help="news: English news articles, the bundled ABC ones and BBC News (--bbc); sample: "
+                             "the bundled sample as the sample recipe reads it (raw multilingual Common Crawl "
+                             "+ ABC news)")
+    parser.add_argument("--bbc", type=Path, default=ROOT.parent / "shared" / "data" / "news" / "bbc",
+                        help="BBC News folder for --corpus news (default: ../shared/data/news/bbc beside the "
+                             "checkout)")
     parser.add_argument("--heldout-fraction", type=float, default=0.05)
     parser.add_argument("--heldout-seed", type=int, default=0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
