@@ -12,8 +12,11 @@ predicate, :func:`document_mask_mod` (FlexAttention's ``mask_mod`` signature), t
 - a FlexAttention ``BlockMask`` (kernel ``flex``, the default on CUDA): only which 128 x 128
   tiles are empty, full or partial, so no T x T tensor exists and the kernel skips empty tiles
   (the work falls with the documents' lengths); or
-- a dense boolean (B, 1, T, T) tensor for ``F.scaled_dot_product_attention`` (kernel ``dense``,
-  the default elsewhere): B T^2 bytes built once per forward and shared by every layer.
+- a dense additive (B, 1, T, T) mask in the activations' dtype (0 where a key may be seen,
+  -inf elsewhere) for ``F.scaled_dot_product_attention`` (kernel ``dense``, the default
+  elsewhere): B T^2 s bytes built once per forward and shared by every layer. Additive and in
+  the dtype, because a boolean mask is converted to one by every attention call, and each
+  layer would keep its own copy for the backward pass.
 
 Both are evaluated from the same predicate, so they agree by construction, and :func:`attend`
 runs attention with either. The functions take tokens or document ids only, not the model, so
@@ -23,6 +26,7 @@ first and slice them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -37,7 +41,7 @@ except ImportError:  # torch < 2.5: no FlexAttention, the dense kernel only
 Kernel = Literal["flex", "dense"]
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 DocumentMask = Any
-"""A dense (B, 1, T, T) bool tensor or a FlexAttention ``BlockMask``."""
+"""A dense additive (B, 1, T, T) float tensor or a FlexAttention ``BlockMask``."""
 
 _compiled: dict[str, Callable] = {}
 
@@ -89,12 +93,15 @@ def default_kernel(device: torch.device) -> Kernel:
     return "flex" if device.type == "cuda" and flex_attention is not None else "dense"
 
 
-def build_document_mask(doc_ids: torch.Tensor, kernel: Kernel | None = None) -> DocumentMask:
+def build_document_mask(doc_ids: torch.Tensor, kernel: Kernel | None = None,
+                        dtype: torch.dtype = torch.float32) -> DocumentMask:
     """The document mask of ``doc_ids`` (B, T) for :func:`attend`: a ``BlockMask`` (``flex``) or
-    a dense bool tensor (``dense``); None: :func:`default_kernel` of the ids' device."""
+    a dense additive mask of ``dtype``, the attention inputs' (``dense``); ``kernel`` None:
+    :func:`default_kernel` of the ids' device."""
     kernel = kernel or default_kernel(doc_ids.device)
     if kernel == "dense":
-        return dense_document_mask(doc_ids)
+        visible = dense_document_mask(doc_ids)  # (B, 1, T, T)
+        return torch.zeros(visible.shape, dtype=dtype, device=doc_ids.device).masked_fill_(~visible, -math.inf)
     if create_block_mask is None:
         raise RuntimeError(f"the flex attention kernel needs torch >= 2.5 (FlexAttention); this is torch "
                            f"{torch.__version__}: upgrade torch or use the dense kernel")

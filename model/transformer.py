@@ -323,7 +323,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)  # (B, T, C)
         if cache is None and mask is None and self.cfg.attention == "document":
             doc_ids = document_ids(tokens, self.cfg.eos_id)  # (B, T)
-            mask = build_document_mask(doc_ids)
+            mask = build_document_mask(doc_ids, dtype=x.dtype)
             if positions is None:
                 positions = document_positions(doc_ids)  # (B, T)
         if positions is None:

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from crucible.errors import ConfigError
-from model.attention import build_document_mask, document_ids, document_positions
+from model.attention import (
+    build_document_mask,
+    dense_document_mask,
+    document_ids,
+    document_positions,
+)
 from model.config import ModelConfig, resolve_model_config
 from model.transformer import build_transformer
 
@@ -38,7 +43,7 @@ def test_document_ids_and_positions_restart_after_each_eos():
     ids = document_ids(tokens, EOS)
     assert ids.tolist() == [[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]]
     assert document_positions(ids).tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 0, 1, 2, 3, 4, 5]]
-    mask = build_document_mask(ids, "dense")  # (B, 1, T, T)
+    mask = dense_document_mask(ids)  # (B, 1, T, T)
     assert mask.shape == (2, 1, 7, 7)
     assert mask[0, 0, 4].tolist() == [False, False, False, True, True, False, False]  # 2nd document
     assert mask[1, 0, 6].tolist() == [False, True, True, True, True, True, True]
