@@ -134,3 +134,18 @@ def test_hf_config_scalings_read_with_transformers_defaults():
 def test_rope_scaling_config_refuses_what_it_would_ignore_or_cannot_use(scaling, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(rope_scaling=scaling)
+
+
+@pytest.mark.parametrize("name", ["cpu_extend_context.yaml", "gpu_7b_extend_32k.yaml"])
+def test_context_extension_recipes_scale_by_their_context_growth(name):
+    from crucible.config import load_config
+    from tests.harness import ROOT
+    from training.config import PretrainConfig
+
+    path = ROOT / "configs" / "pretrain" / name
+    for overrides in ([], ["model.rope_scaling.type=llama3"]):  # the recipes' switch to Llama 3.1's
+        model = load_config(PretrainConfig, path, overrides).model
+        scaling = model.rope_scaling
+        assert scaling.type == ("llama3" if overrides else "yarn")
+        assert scaling.factor == model.max_seq_len / scaling.original_max_position_embeddings
+        assert scaling.original_max_position_embeddings < model.max_seq_len
