@@ -88,10 +88,11 @@ class PhasedTrainLoader:
         for k, loader in enumerate(self.loaders[1:], start=1):
             for what, mine, theirs in (("tokenizer sha256", loader.tokenizer.get("sha256"), first.tokenizer.get("sha256")),
                                        ("seq_len", loader.seq_len, first.seq_len),
-                                       ("dtype", loader._first.data["dtype"], first._first.data["dtype"])):
+                                       ("dtype", loader.sources[0].manifest.data["dtype"],
+                                        first.sources[0].manifest.data["dtype"])):
                 if mine != theirs:
                     raise DataError(
-                        f"data.phases[{k - 1}] manifest {loader._first.location} differs from data.manifests "
+                        f"data.phases[{k - 1}] manifest {loader.sources[0].manifest.location} differs from data.manifests "
                         f"in {what} ({mine} vs {theirs}); every phase must use shards of the same "
                         "tokenizer, seq_len and dtype")
         self.samples_per_step = samples_per_step
