@@ -221,6 +221,7 @@ def _wait(*procs: subprocess.Popen) -> None:
         assert p.wait(timeout=300) == 0, f"run failed (rc {p.returncode}): {p.args}"
 
 
+@pytest.mark.slow
 def test_two_phase_run_switches_and_resumes_bit_for_bit_after_sigkill(manifest, news_manifest, tmp_path):
     recipe = _recipe(tmp_path, manifest, news_manifest)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
