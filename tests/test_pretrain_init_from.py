@@ -94,6 +94,8 @@ def _zero3_start(rank: int, world_size: int, overrides: list[str]) -> dict[str, 
 def test_hf_llama_dir_under_zero3_gives_the_source_logits(hf_llama_dir, token_manifest, tmp_path):
     from transformers import LlamaForCausalLM
 
+    from crucible.fileio import sha256_file
+
     run = tmp_path / "run"
     overrides = _overrides(run, token_manifest, f"init_from={hf_llama_dir}", "train.zero_stage=3",
                            "train.max_steps=1", "optim.lr=1e-9")
@@ -111,7 +113,8 @@ def test_hf_llama_dir_under_zero3_gives_the_source_logits(hf_llama_dir, token_ma
     assert sum(r["local"] for r in per_rank) >= per_rank[0]["total"]
     record = json.loads((run / "init_from.json").read_text())
     assert record["init_from"] == str(hf_llama_dir) and record["kind"] == "Hugging Face Llama directory"
-    assert set(record["weights_sha256"]) == {"model.safetensors"} and record["step"] is None
+    assert record["weights_sha256"] == {"model.safetensors": sha256_file(hf_llama_dir / "model.safetensors")}
+    assert record["step"] is None
 
 
 # ------------------------------------------------------------- from another run's checkpoint

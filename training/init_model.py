@@ -27,7 +27,7 @@ import torch
 
 from crucible.errors import ConfigError, DataError
 from crucible.fileio import atomic_write_json, sha256_file
-from crucible.run_layout import MARKER, read_record
+from crucible.run_layout import MARKER, MODEL_DIR, read_record
 from model.config import PRESETS, ModelConfig, max_seq_len_is_explicit, resolve_model_config
 from model.hf_mapping import from_hf_key
 from model.io import hf_weight_files, is_model_dir, read_hf_config, read_model_config, weight_files
@@ -76,7 +76,7 @@ def find_init_source(init_from: str) -> InitSource:
     model_dir = find_init_model(init_from)
     hugging_face = not is_model_dir(model_dir)
     cfg = read_hf_config(model_dir) if hugging_face else read_model_config(model_dir)
-    marker = read_record(model_dir.parent / MARKER)[0] if model_dir.name == "model" else None
+    marker = read_record(model_dir.parent / MARKER)[0] if model_dir.name == MODEL_DIR else None
     step = marker.get("step") if marker is not None else None
     return InitSource(init_from, model_dir, cfg, hugging_face, step if isinstance(step, int) else None)
 
@@ -158,10 +158,9 @@ def source_tensors(source: InitSource) -> Iterator[dict[str, tuple[Any, str]]]:
     files, kept open meanwhile: a tensor is read only when asked for (``get_tensor``)."""
     from safetensors import safe_open
 
-    files = hf_weight_files(source.model_dir) if source.hugging_face else weight_files(source.model_dir)
     with ExitStack() as stack:
         where: dict[str, tuple[Any, str]] = {}
-        for file in files:
+        for file in source_weight_files(source):
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             for key in handle.keys():  # noqa: SIM118 - a safetensors file, not a dict
                 ours = from_hf_key(key) if source.hugging_face else key
@@ -179,24 +178,34 @@ def load_init_weights(model: torch.nn.Module, source: InitSource, partitioned: b
     start = time.perf_counter()
     params = dict(model.named_parameters())  # a tied output head is the embedding, listed once
     with source_tensors(source) as where:
-        missing = sorted(set(params) - set(where))
-        if missing:
-            raise DataError(f"init_from={source.given}: {source.model_dir} lacks {len(missing)} tensors "
-                            f"of the model ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        _check_tensors(source, where, params)  # every rank, before any collective
         for name, param in params.items():
             with _gathered(param) if partitioned else nullcontext():
                 if partitioned and rank != 0:
                     continue
                 handle, key = where[name]
-                tensor = handle.get_tensor(key)
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise DataError(f"init_from={source.given}: tensor {key} of {source.model_dir} has shape "
-                                    f"{tuple(tensor.shape)}, the model needs {tuple(param.shape)}")
                 with torch.no_grad():
-                    param.copy_(tensor)
+                    param.copy_(handle.get_tensor(key))
     log.info("loaded the weights of init_from=%s (%s %s%s) in %.2f s", source.given, source.kind,
              source.model_dir, f", step {source.step}" if source.step is not None else "",
              time.perf_counter() - start)
+
+
+def _check_tensors(source: InitSource, where: dict[str, tuple[Any, str]],
+                   params: dict[str, torch.nn.Parameter]) -> None:
+    """Every parameter has a tensor of its shape in the source (read from the files' headers);
+    else a DataError naming the first ones."""
+    missing = sorted(set(params) - set(where))
+    if missing:
+        raise DataError(f"init_from={source.given}: {source.model_dir} lacks {len(missing)} tensors "
+                        f"of the model ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    for name, param in params.items():
+        handle, key = where[name]
+        shape = tuple(handle.get_slice(key).get_shape())
+        wanted = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the whole tensor's
+        if shape != wanted:
+            raise DataError(f"init_from={source.given}: tensor {key} of {source.model_dir} has shape "
+                            f"{shape}, the model needs {wanted}")
 
 
 def _gathered(param: torch.nn.Parameter) -> Any:
@@ -205,13 +214,22 @@ def _gathered(param: torch.nn.Parameter) -> Any:
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
 
-def source_record(source: InitSource) -> dict[str, Any]:
+def source_weight_files(source: InitSource) -> list[Path]:
+    return hf_weight_files(source.model_dir) if source.hugging_face else weight_files(source.model_dir)
+
+
+def weight_file_hashes(source: InitSource, rank: int, world_size: int) -> dict[str, str]:
+    """sha256 of this rank's share of the source's weight files (every ``world_size``-th from
+    ``rank``): the ranks hash a large sharded model together, each file read once."""
+    return {f.name: sha256_file(f) for f in source_weight_files(source)[rank::world_size]}
+
+
+def source_record(source: InitSource, weights_sha256: dict[str, str]) -> dict[str, Any]:
     """What ``init_from.json`` holds: the source as given and resolved, its kind, the step of
     its checkpoint (when it is one), its architecture and the sha256 of each weight file."""
-    files = hf_weight_files(source.model_dir) if source.hugging_face else weight_files(source.model_dir)
     return {"init_from": source.given, "model_dir": str(source.model_dir), "kind": source.kind,
             "step": source.step, "model_config": source.cfg.model_dump(mode="json"),
-            "weights_sha256": {f.name: sha256_file(f) for f in files}}
+            "weights_sha256": dict(sorted(weights_sha256.items()))}
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:
