@@ -216,15 +216,14 @@ def test_architecture_mismatch_is_refused_naming_each_field(tiny_model_dir, toke
 
     with pytest.raises(ConfigError) as err:
         _prepare(_overrides(tmp_path, token_manifest, f"init_from={tiny_model_dir}",
-                            "model.preset=cpu-small", "model.rope_theta=500000"))
+                            "model.preset=cpu-small", "model.norm_eps=1e-6"))
     message = str(err.value)
     assert f"init_from={tiny_model_dir} (model directory {tiny_model_dir})" in message
     for field in ("model.dim: recipe 256, init_from 64", "model.n_layers: recipe 6, init_from 2",
                   "model.n_heads: recipe 8, init_from 4", "model.n_kv_heads: recipe 4, init_from 2",
-                  "model.ffn_dim: recipe 704, init_from 192",
-                  "model.rope_theta: recipe 500000.0, init_from 10000.0"):
+                  "model.ffn_dim: recipe 704, init_from 192", "model.norm_eps: recipe 1e-06, init_from 1e-05"):
         assert field in message
-    assert "model.norm_eps" not in message and "max_seq_len" not in message  # unset / not architecture
+    assert "tie_embeddings" not in message and "max_seq_len" not in message  # unset / not architecture
 
 
 def test_matching_keys_and_training_keys_are_accepted(tiny_model_dir, token_manifest, tmp_path):
@@ -236,16 +235,15 @@ def test_matching_keys_and_training_keys_are_accepted(tiny_model_dir, token_mani
 
     cfg = load_config(PretrainConfig, None, _overrides(
         tmp_path, token_manifest, f"init_from={tiny_model_dir}", "model.dim=64", "model.n_kv_heads=2",
-        "model.activation_checkpointing=true", "model.max_seq_len=96"))
+        "model.activation_checkpointing=true", "model.max_seq_len=96", "model.rope_theta=500000"))
     step = LanguageModelStep(cfg, DistContext(0, 1, 0, torch.device("cpu")))
     step.prepare(resolve_batch(cfg.train, 1))
     source = json.loads((tiny_model_dir / "model_config.json").read_text())
     got = step.model_cfg.model_dump(mode="json")
-    assert got["activation_checkpointing"] is True and got["max_seq_len"] == 96
-    assert {k: got[k] for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                                "rope_theta", "norm_eps", "tie_embeddings")} == \
-        {k: source[k] for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                                "rope_theta", "norm_eps", "tie_embeddings")}
+    # training keys and the rotary base (context extension) come from the recipe
+    assert got["activation_checkpointing"] is True and got["max_seq_len"] == 96 and got["rope_theta"] == 500000
+    shape = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "tie_embeddings")
+    assert {k: got[k] for k in shape} == {k: source[k] for k in shape}
 
 
 def test_shards_of_another_tokenizer_are_refused_naming_both(tiny_model_dir, token_manifest, tmp_path):

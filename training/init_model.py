@@ -39,11 +39,12 @@ INIT_RECORD = "init_from.json"
 
 # The recipe's model keys that define the weights' shapes or meaning: with init_from each one the
 # recipe (or its preset) sets must be the source's. Keys compared through a derived value (the
-# key's effect) name the key the user wrote.
+# key's effect) name the key the user wrote. The rotary embedding's base and scaling are not among
+# them: changing them is how a context is extended (the recipe's value is taken, with a warning).
 _ARCHITECTURE = {
     "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "kv_heads",
-    "ffn_dim": "hidden_dim", "ffn_multiple_of": "hidden_dim", "rope_theta": "rope_theta",
-    "norm_eps": "norm_eps", "tie_embeddings": "tie_embeddings",
+    "ffn_dim": "hidden_dim", "ffn_multiple_of": "hidden_dim", "norm_eps": "norm_eps",
+    "tie_embeddings": "tie_embeddings",
 }
 # Not taken from the recipe: the preset only names a shape, the vocabulary is the source's.
 _SOURCE_KEYS = ("preset", "vocab_size")
@@ -113,6 +114,9 @@ def init_model_config(recipe: ModelConfig, source: InitSource, seq_len: int) -> 
             "section, or start from a model of this shape")
     update = {k: getattr(recipe, k) for k in recipe.model_fields_set
               if k not in _ARCHITECTURE and k not in _SOURCE_KEYS}
+    if update.get("rope_theta", source.cfg.rope_theta) != source.cfg.rope_theta:
+        log.warning("model.rope_theta %g replaces the %g of init_from=%s: every position is encoded "
+                    "anew (as for context extension)", update["rope_theta"], source.cfg.rope_theta, source.given)
     if not max_seq_len_is_explicit(recipe) and seq_len > source.cfg.max_seq_len:
         log.warning("the token shards hold sequences of %d tokens, longer than the max_seq_len %d of "
                     "init_from=%s: the context grows to %d (positions the source never trained on)",
