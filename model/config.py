@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import ModelWrapValidatorHandler, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, model_validator
 
 from crucible.config import Section
 from crucible.errors import ConfigError
@@ -32,6 +32,81 @@ PRESETS: dict[str, dict[str, Any]] = {
     "70B": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "ffn_dim": 28672,
             "ffn_multiple_of": 4096, "max_seq_len": 4096},
 }
+
+
+# Defaults of each scaling type's own keys: a key of another type (or any key under type none)
+# set away from its default is refused rather than silently ignored.
+_ROPE_SCALING_KEYS: dict[str, dict[str, Any]] = {
+    "llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    "yarn": {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": None, "mscale_all_dim": None,
+             "attention_factor": None, "truncate": True},
+}
+
+
+class RopeScalingConfig(Section):
+    """Rotary embedding frequency scaling for a longer context (section ``model.rope_scaling``).
+
+    The keys and formulas are Hugging Face's (``rope_parameters`` in a Llama ``config.json``),
+    so a scaled model exports to and imports from ``LlamaForCausalLM`` exactly (see
+    :mod:`model.rope`).
+    """
+
+    type: Literal["none", "llama3", "yarn"] = "none"
+    """none: plain rotary embeddings; llama3: Llama 3.1's per-frequency scaling (low frequencies divided by factor, high ones kept, a smooth ramp between); yarn: YaRN (NTK-by-parts interpolation plus an attention temperature that scales cos/sin)."""
+    factor: float | None = None
+    """How many times longer the new context is than original_max_position_embeddings (>= 1; required for llama3 and yarn); usually model.max_seq_len / original_max_position_embeddings."""
+    original_max_position_embeddings: int | None = None
+    """The context the model was pretrained with before the extension (required for llama3 and yarn)."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than original_max_position_embeddings / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept; must exceed low_freq_factor."""
+    beta_fast: float = 32.0
+    """yarn: rotations over the original context above which a frequency is kept (extrapolated)."""
+    beta_slow: float = 1.0
+    """yarn: rotations over the original context below which a frequency is divided by factor (interpolated)."""
+    mscale: float | None = None
+    """yarn: with mscale_all_dim, the attention factor is (0.1 * mscale * ln(factor) + 1) / (0.1 * mscale_all_dim * ln(factor) + 1) (DeepSeek style); null: 0.1 * ln(factor) + 1."""
+    mscale_all_dim: float | None = None
+    """yarn: see mscale."""
+    attention_factor: float | None = None
+    """yarn: the factor that multiplies cos and sin (attention temperature); null derives it from factor (and mscale)."""
+    truncate: bool = True
+    """yarn: round the interpolation ramp's ends to whole dimensions (Hugging Face's default; false for gpt-oss style)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScalingConfig:
+        foreign = {k: v for kind, keys in _ROPE_SCALING_KEYS.items() if kind != self.type
+                   for k, v in keys.items() if getattr(self, k) != v}
+        if self.type == "none":
+            foreign.update({k: getattr(self, k) for k in ("factor", "original_max_position_embeddings")
+                            if getattr(self, k) is not None})
+        if foreign:
+            names = ", ".join(f"model.rope_scaling.{k}" for k in sorted(foreign))
+            raise ValueError(f"model.rope_scaling.type={self.type} does not use {names}; remove "
+                             "them or choose the scaling type they belong to (llama3 or yarn)")
+        if self.type == "none":
+            return self
+        if self.original_max_position_embeddings is None or self.original_max_position_embeddings <= 0:
+            raise ValueError(f"model.rope_scaling.type={self.type} needs model.rope_scaling."
+                             "original_max_position_embeddings: the positive context length the "
+                             "model was pretrained with")
+        if self.factor is None:
+            raise ValueError(f"model.rope_scaling.type={self.type} needs model.rope_scaling.factor "
+                             "(new context / original_max_position_embeddings, e.g. 4)")
+        if self.factor < 1:
+            raise ValueError(f"model.rope_scaling.factor must be at least 1, got {self.factor}")
+        if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(
+                f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                f"{self.low_freq_factor} and {self.high_freq_factor}")
+        if self.type == "yarn" and not 0 < self.beta_slow <= self.beta_fast:
+            raise ValueError(f"model.rope_scaling needs 0 < beta_slow <= beta_fast, got "
+                             f"{self.beta_slow} and {self.beta_fast}")
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            raise ValueError(f"model.rope_scaling.attention_factor must be positive, got "
+                             f"{self.attention_factor}")
+        return self
 
 
 class ModelConfig(Section):
@@ -57,6 +132,8 @@ class ModelConfig(Section):
     """Longest sequence (context) the model is trained or used with."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
+    rope_scaling: RopeScalingConfig = Field(default_factory=RopeScalingConfig)
+    """Rotary frequency scaling (llama3 or yarn, Hugging Face's formulas) for a context longer than pretraining."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
@@ -65,6 +142,10 @@ class ModelConfig(Section):
     """Standard deviation of the normal init of weight matrices."""
     init_depth_scaled: bool = True
     """Scale the residual output projections' init by 1/sqrt(2 * n_layers)."""
+    attention: Literal["causal", "document"] = "causal"
+    """causal: each token attends to every earlier token of its packed sample; document: only to the earlier tokens of its own document, documents being separated by eos_id (the EOS token belongs to the document it ends), so each document scores as if it were alone in the sample. With document, rotary positions restart at 0 at each document's first token; rotary attention depends only on the distance between query and key, so this changes no score in exact arithmetic, but it makes a packed document's rotary tables those of the document alone (no large positions rounded in fp32). Document attention runs FlexAttention with a block mask on CUDA (no T x T tensor; empty tiles skipped) and a dense (B, 1, T, T) additive mask in the activations' dtype elsewhere, shared by all layers (see model/attention.py). Incremental decoding and Hugging Face export are causal: exact for inputs holding one document."""
+    eos_id: int | None = None
+    """The end-of-document token id that separates documents in packed samples (attention=document); null: pretraining takes the token shards' tokenizer's EOS id (an explicit value must equal it)."""
     activation_checkpointing: bool | int = False
     """Recompute blocks' activations in the backward pass to save memory: false or 0 (none), true or 1 (every block), or an integer k >= 2: blocks 0, k, 2k, ... (block index divisible by k; ceil(n_layers / k) of them) are recomputed, the others keep their activations. Each recomputed block costs one more forward of it; ``launcher/pretrain.py --dry-run`` prints the activation memory of the choice."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -113,6 +194,9 @@ class ModelConfig(Section):
             )
         if self.ffn_dim is not None and self.ffn_dim <= 0:
             raise ValueError(f"model.ffn_dim must be positive or null, got {self.ffn_dim}")
+        if self.eos_id is not None and not 0 <= self.eos_id < self.vocab_size:
+            raise ValueError(f"model.eos_id must be a token id in [0, vocab_size={self.vocab_size}), got "
+                             f"{self.eos_id}; leave it null to take the tokenizer's EOS id")
         if self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta must be positive, got {self.rope_theta}")
         if self.norm_eps <= 0 or self.init_std <= 0:

@@ -34,6 +34,7 @@ from model.attention import (
 )
 from model.config import ModelConfig
 from model.loss import chunked_cross_entropy
+from model.rope import rope_tables
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -328,8 +329,7 @@ class Transformer(nn.Module):
                 positions = document_positions(doc_ids)  # (B, T)
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
-        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=tokens.device)
-        cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)  # (T, D) or (B, T, D)
+        cos, sin = rope_tables(self.cfg, positions, x.dtype)  # (T, D) or (B, T, D)
         sin = signed_sin(sin)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads

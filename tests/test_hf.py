@@ -197,7 +197,7 @@ def test_export_copies_hf_tokenizer_files_when_present(tmp_path, tokenizer_dir):
 
 @pytest.mark.parametrize("patch,match", [
     ({"attention_bias": True}, "no biases"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "only plain rotary"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "only default, llama3 and yarn"),
     ({"hidden_act": "gelu"}, "SwiGLU"),
     ({"model_type": "mistral"}, "only Llama"),
     ({"head_dim": 32}, "head_dim"),
