@@ -415,7 +415,9 @@ def _config_shape(cfg: ModelConfig) -> tuple:
             cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings)
 
 
-def _hf_weight_files(path: Path) -> list[Path]:
+def hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face directory (one file or the shards its index
+    names); a directory holding only pickled weights is refused (never unpickled)."""
     index = path / HF_INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -431,11 +433,9 @@ def _hf_weight_files(path: Path) -> list[Path]:
     raise DataError(f"{path} has {HF_CONFIG_FILE} but no {HF_WEIGHTS_FILE} or {HF_INDEX_FILE}")
 
 
-def read_hf_dir(path: str | Path, device: torch.device | str = "cpu"
-                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Our config and state dict (our tensor names) from a Hugging Face Llama directory."""
-    from safetensors import safe_open
-
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """Our config of a Hugging Face Llama directory (its ``config.json``; the record of our own
+    config when this package exported it and the shapes agree), without reading any weights."""
     path = Path(path)
     try:
         hf_cfg = json.loads((path / HF_CONFIG_FILE).read_text(encoding="utf-8"))
@@ -449,8 +449,18 @@ def read_hf_dir(path: str | Path, device: torch.device | str = "cpu"
             cfg = recorded
         else:
             log.warning("%s disagrees with config.json (edited?); using config.json", ours)
+    return cfg
+
+
+def read_hf_dir(path: str | Path, device: torch.device | str = "cpu"
+                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Our config and state dict (our tensor names) from a Hugging Face Llama directory."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    cfg = read_hf_config(path)
     hf_state: dict[str, torch.Tensor] = {}
-    for file in _hf_weight_files(path):
+    for file in hf_weight_files(path):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
                 hf_state[key] = f.get_tensor(key)

@@ -30,6 +30,7 @@ STEPS = 4
 COVERED = {
     "pretrain/cpu_tiny.yaml": "tests/test_pretrain_distributed.py (every run)",
     "pretrain/cpu_demo.yaml": "tests/test_demo.py (the reduced demo)",
+    "pretrain/cpu_continue.yaml": "tests/test_pretrain_init_from.py (continued from another run, then resumed)",
     "finetune/uci_sentiment.yaml": "tests/test_finetune.py::test_two_rank_zero2_finetune_resume_and_predict",
 }
 # the GPU recipe that runs with train.compile as written (the others with it off, to save time)

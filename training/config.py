@@ -230,6 +230,8 @@ class PretrainConfig(Section):
 
     run_dir: str = "runs/pretrain"
     """Run directory: checkpoints, logs, TensorBoard, model directories."""
+    init_from: str | None = None
+    """Continue pretraining from existing weights (null: random init): a model directory, a Hugging Face Llama directory (config.json + safetensors) or another run's directory or checkpoint (its newest whole model). Only the weights are taken: the optimizer state, the learning-rate schedule and the data position start fresh. The architecture is the source's (shape keys set in the model section, or its preset, must agree, else the differing ones are named; the rotary base and scaling may change, as for context extension; training keys such as activation_checkpointing are the recipe's); the token shards must be written with the source's tokenizer. Applies to a fresh start only: a run directory that has a checkpoint resumes from it. The run directory records the source in init_from.json (and every checkpoint's trainer_state.json)."""
     data: LoaderConfig = Field(default_factory=LoaderConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -245,5 +247,14 @@ class PretrainConfig(Section):
             raise ValueError(
                 "harness.tasks needs train.zero_stage 0, 1 or 2: under ZeRO-3 each rank holds only a "
                 "slice of the weights; evaluate a saved checkpoint with launcher/evaluate.py instead")
+        return self
+
+    @model_validator(mode="after")
+    def _check_phases(self) -> PretrainConfig:
+        late = [p.start_step for p in self.data.phases if p.start_step is not None and p.start_step >= self.train.max_steps]
+        if late:
+            raise ValueError(
+                f"data.phases start at step {late[0]}, not before train.max_steps={self.train.max_steps}: "
+                "the phase would never train; start it earlier or raise train.max_steps")
         return self
 

@@ -58,7 +58,7 @@ from training.engine import (
 from training.faults import BadStepPolicy, PreemptionFlag
 from training.metrics import StartupClock, device_peak_tflops, mfu, peak_memory_gb
 from training.optim import all_finite
-from training.schedule import ConfiguredSchedule, LRSchedule
+from training.schedule import ConfiguredSchedule, LRSchedule, configured_schedule
 from training.steps.base import StepModule
 
 log = logging.getLogger("crucible.training.trainer")
@@ -198,6 +198,8 @@ class Trainer:
         self.stop_requested = False
         self.plan = resolve_batch(cfg.train, ctx.world_size)
         self.data = step_module.prepare(self.plan)
+        if schedule is None:  # LR segments of data phases start where the loader switches mix
+            self.schedule = configured_schedule(cfg, self.plan.global_batch_size * step_module.seq_len)
         self.resume_from, universal = plan_resume(cfg, ctx) if checkpoints else (None, False)
         self.last_saved: Path | None = None  # the checkpoint this process saved last
         self.startup.mark("data and resume plan")
@@ -208,6 +210,8 @@ class Trainer:
                                                 ranks_per_node=ranks_per_node(ctx.world_size))
         if ctx.rank == 0:
             write_run_files(self.run_dir, step_module.run_config, self.ds_config, step_module.tokenizer_dir)
+        # the run's own checkpoint wins over any start weights (init_from) the step module has
+        step_module.resuming = self.resume_from is not None
         self.engine, self.optimizer = step_module.build_engine(self.ds_config)
         self.state = TrainState()
         self._data_skipped_seen = 0  # this process's loader count already in state.skipped_samples

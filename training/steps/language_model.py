@@ -15,7 +15,7 @@ from crucible.errors import DataError, UserError
 from crucible.fileio import sha256_file
 from crucible.provenance import provenance
 from data_pipeline.loader.evaluation import build_eval_loader
-from data_pipeline.loader.train import build_train_loader
+from data_pipeline.loader.phases import build_train_stream
 from data_pipeline.shards.manifest import MANIFEST_FILE, is_url
 from data_pipeline.tokenizer.byte_lengths import token_byte_lengths
 from data_pipeline.tokenizer.folder import MODEL_FILE, load_sentencepiece
@@ -23,10 +23,21 @@ from model.compile import compile_blocks
 from model.config import ModelConfig, max_seq_len_is_explicit, resolve_model_config
 from model.io import save_model_dir
 from model.transformer import Transformer, build_transformer
-from training.collectives import sum_over_ranks
+from training.collectives import gather_objects, sum_over_ranks
 from training.config import PretrainConfig
 from training.deepspeed_config import BatchPlan
 from training.engine import DistContext, build_engine, partitioned_init
+from training.init_model import (
+    InitSource,
+    check_tokenizer,
+    find_init_source,
+    init_model_config,
+    load_init_weights,
+    read_record_of_run,
+    source_record,
+    weight_file_hashes,
+    write_record,
+)
 from training.metrics import model_state_bytes
 from training.optim import build_optimizer, param_groups
 from training.steps.base import StepModule, StepOutput
@@ -36,14 +47,23 @@ log = logging.getLogger("crucible.training.language_model")
 DATA_RECIPES = Path("configs") / "data"
 
 
-def model_config_for(cfg: PretrainConfig, vocab_size: int, seq_len: int) -> ModelConfig:
+def model_config_for(cfg: PretrainConfig, vocab_size: int, seq_len: int,
+                     eos_id: int | None = None) -> ModelConfig:
     """The recipe's model config with the shards' vocabulary and context.
 
     ``model.max_seq_len`` left to the preset (or default) grows to the shards' ``seq_len`` when
     that is longer; one set explicitly (recipe or command line) that cannot hold the shards'
-    sequences is refused.
+    sequences is refused. With ``model.attention: document``, ``model.eos_id`` left null becomes
+    the shards' tokenizer's EOS id (``eos_id``); one set to another id is refused.
     """
     model_cfg = resolve_model_config(cfg.model, vocab_size=vocab_size, seq_len=seq_len)
+    if model_cfg.attention == "document" and eos_id is not None:
+        if model_cfg.eos_id is None:
+            model_cfg = ModelConfig.model_validate({**model_cfg.model_dump(), "eos_id": eos_id})
+        elif model_cfg.eos_id != eos_id:
+            raise UserError(
+                f"model.eos_id is {model_cfg.eos_id} but the token shards end their documents with "
+                f"the tokenizer's EOS id {eos_id}; leave model.eos_id out (null) to take it")
     if model_cfg.max_seq_len < seq_len:
         raise UserError(
             f"the token shards hold sequences of {seq_len} tokens but model.max_seq_len is set to "
@@ -169,11 +189,20 @@ def validation_metrics(prefix: str, names: list[str], nats: list[float], tokens:
 
 class LanguageModelStep(StepModule):
     """Next-token cross-entropy over packed sequences (no padding); validation loss, perplexity
-    and bits per byte per source (each manifest's validation split) and over all of them."""
+    and bits per byte per source (each manifest's validation split) and over all of them.
+
+    With ``init_from`` the model is the source's architecture with its weights at a fresh start
+    (see :mod:`training.init_model`); a resumed run loads its own checkpoint instead."""
+
+    resuming: bool = False
+    """Set by the loop before :meth:`build_engine`: a checkpoint of this run will be loaded, so
+    the ``init_from`` weights are not."""
 
     def __init__(self, cfg: PretrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.run_dir)
+        self.init_source: InitSource | None = None
+        self.init_record: dict[str, Any] | None = None
         self.model_state_gb: float | None = None
         self._val_warned = False
         self._byte_lengths: torch.Tensor | None = None
@@ -185,17 +214,27 @@ class LanguageModelStep(StepModule):
                 "data.manifests is empty: list the manifest.json of your token shards "
                 "(written by launcher/shard.py), e.g. data.manifests=[runs/shards/manifest.json]"
             )
-        require_manifests(self.cfg.data.manifests)
+        require_manifests(self.cfg.data.all_manifests())
         planned = self.cfg.train.planned_world_size
         if planned is not None and planned != plan.data_parallel_size:
             log.info("the recipe is planned for %d ranks and runs on %d: gradient accumulation %d, global "
                      "batch %d", planned, plan.data_parallel_size, plan.grad_accum_steps, plan.global_batch_size)
-        self.loader = build_train_loader(self.cfg.data, plan.micro_batch_size, self.ctx.rank, self.ctx.world_size)
+        self.loader = build_train_stream(self.cfg.data, plan.micro_batch_size, self.ctx.rank, self.ctx.world_size,
+                                         plan.global_batch_size, self.cfg.train.max_steps)
         self.seq_len = int(self.loader.seq_len)
-        self.model_cfg = model_config_for(self.cfg, int(self.loader.vocab_size), self.seq_len)
-        self.run_config = self.cfg.model_copy(update={"model": self.model_cfg})
+        eos_id = (getattr(self.loader, "tokenizer", None) or {}).get("eos_id")
         self.tokenizer_sha256 = tokenizer_sha256(self.loader)
         self.tokenizer_dir = tokenizer_source_dir(self.loader, self.cfg.data.manifests[0])
+        recipe, vocab_size = self.cfg, int(self.loader.vocab_size)
+        if self.cfg.init_from:  # the source's architecture and vocabulary (maybe padded past the shards')
+            source = self.init_source = find_init_source(self.cfg.init_from)
+            check_tokenizer(source, self.tokenizer_sha256, vocab_size, self.cfg.data.manifests[0])
+            start_cfg = init_model_config(self.cfg.model, source, self.seq_len)
+            recipe, vocab_size = self.cfg.model_copy(update={"model": start_cfg}), start_cfg.vocab_size
+            self.tokenizer_dir = self.tokenizer_dir or source.model_dir
+        self.model_cfg = model_config_for(recipe, vocab_size, self.seq_len,
+                                          eos_id=None if eos_id is None else int(eos_id))
+        self.run_config = self.cfg.model_copy(update={"model": self.model_cfg})
         train = self.cfg.train
         self.eval_samples = train.eval_batches * plan.micro_batch_size * (train.planned_world_size
                                                                            or plan.data_parallel_size)
@@ -203,6 +242,8 @@ class LanguageModelStep(StepModule):
 
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
         model = build_language_model(self.model_cfg, ds_config, self.cfg.train.seed, self.ctx.device)
+        if self.init_source is not None:
+            self._start_from_source(model, ds_config["zero_optimization"]["stage"] == 3)
         if self.cfg.train.compile:
             compile_blocks(model, dynamic=False)  # the training batch shape is fixed
         optim = self.cfg.optim
@@ -211,6 +252,21 @@ class LanguageModelStep(StepModule):
                      else build_optimizer(groups, optim, ds_config["zero_optimization"]["stage"]))
         self.engine, self.optimizer = build_engine(model, ds_config, optimizer, model_parameters=groups)
         return self.engine, self.optimizer
+
+    def _start_from_source(self, model: Transformer, partitioned: bool) -> None:
+        """At a fresh start: the ``init_from`` weights into ``model`` (before DeepSpeed copies
+        them into its optimizer), recorded in ``init_from.json`` by rank 0. Resuming: nothing is
+        loaded (the run's checkpoint follows) and the record written at the start is kept."""
+        if self.resuming:
+            log.info("resuming from this run's checkpoint: init_from=%s is not loaded", self.cfg.init_from)
+            self.init_record = read_record_of_run(self.run_dir)
+            return
+        load_init_weights(model, self.init_source, partitioned, self.ctx.rank)
+        ctx = self.ctx
+        shares = gather_objects(weight_file_hashes(self.init_source, ctx.rank, ctx.world_size), ctx.world_size)
+        if ctx.rank == 0:  # writes trainer_state.json, which carries the record
+            self.init_record = source_record(self.init_source, {k: v for part in shares for k, v in part.items()})
+            write_record(self.run_dir, self.init_record)
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32) of the micro batch ``tokens`` (B, T + 1), computed
@@ -309,8 +365,11 @@ class LanguageModelStep(StepModule):
         return self._byte_lengths
 
     def client_state(self) -> dict[str, Any]:
+        """Adds the manifests' checksums and, for a run started with ``init_from``, its record
+        (rank 0, which writes ``trainer_state.json``)."""
         return {**super().client_state(),
-                "manifest_sha256s": list(getattr(self.loader, "manifest_sha256s", []))}
+                "manifest_sha256s": list(getattr(self.loader, "manifest_sha256s", [])),
+                **({"init_from": self.init_record} if self.init_record is not None else {})}
 
     def save_model_dir(self, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         tok = self.run_dir / "tokenizer"
