@@ -30,6 +30,7 @@ from training.deepspeed_config import (
     estimate_memory_per_gpu,
     planned_world_size,
 )
+from training.init_model import find_init_source, init_model_config
 from training.steps.language_model import model_config_for, require_manifests
 
 
@@ -177,9 +178,24 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
         problems.append(f"{len(data.missing_shards)} shard file(s) listed in the manifests are missing, "
                         f"e.g. {data.missing_shards[0]}; rebuild the token shards or restore the files")
     model_cfg = resolve_model_config(cfg.model)
+    init_note = None
+    if cfg.init_from:  # the run takes the source's architecture: plan with it when it exists
+        try:
+            source = find_init_source(cfg.init_from)
+        except UserError as exc:
+            init_note = f"init_from {cfg.init_from} is not readable yet ({exc}); planned with the recipe's model section"
+        else:
+            try:
+                start = init_model_config(cfg.model, source, data.seq_len if data is not None else 0)
+                cfg = cfg.model_copy(update={"model": start})
+                model_cfg = resolve_model_config(start)
+                init_note = f"init_from {cfg.init_from}: the {source.kind} {source.model_dir}'s architecture"
+            except UserError as exc:
+                problems.append(str(exc))
     if data is not None:
         try:
-            model_cfg = model_config_for(cfg, data.vocab_size, data.seq_len)
+            model_cfg = model_config_for(cfg, data.vocab_size if not cfg.init_from else model_cfg.vocab_size,
+                                         data.seq_len)
         except UserError as exc:
             problems.append(str(exc))
     if env_rank() != 0:
@@ -188,9 +204,18 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
         return 0
     total = num_params(model_cfg)
     largest = model_cfg.vocab_size * model_cfg.dim
-    vocab_from = "the tokenizer" if data is not None else "model.vocab_size, no manifest read"
+    vocab_from = ("init_from" if init_note and "architecture" in init_note else
+                  "the tokenizer" if data is not None else "model.vocab_size, no manifest read")
     print(f"model: {model_cfg.preset or 'custom'}, {total / 1e6:.1f}M parameters "
           f"(vocabulary {model_cfg.vocab_size} from {vocab_from}; max_seq_len {model_cfg.max_seq_len})")
+    if init_note:
+        print(init_note)
+    if model_cfg.rope_scaling.type != "none":
+        rs = model_cfg.rope_scaling
+        print(f"rotary scaling: {rs.type}, factor {rs.factor:g} over {rs.original_max_position_embeddings} "
+              f"original positions (rope_theta {model_cfg.rope_theta:g})")
+    if model_cfg.attention == "document":
+        print("attention: document (each token sees only its own document of a packed sample)")
     if data is not None:
         per_step = ds_config["train_batch_size"]
         epochs = cfg.train.max_steps * per_step / max(data.train_samples, 1)
