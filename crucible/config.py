@@ -196,6 +196,10 @@ def load_config(
         merged = OmegaConf.to_container(OmegaConf.merge(base, over), resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"could not merge {source} with overrides {overrides}: {exc}") from None
+    except TypeError as exc:  # a dotted index into a list (data.phases.0.x=...): OmegaConf cannot merge it
+        raise ConfigError(f"could not merge {source} with overrides {overrides}: {exc}; a list cannot be "
+                          "changed one item at a time from the command line: override the whole list, e.g. "
+                          "'data.phases=[{start_step: 8, manifests: [...]}]'") from None
     override_keys = _flatten_keys(OmegaConf.to_container(over))
     file_keys = _flatten_keys(OmegaConf.to_container(base))
     try:

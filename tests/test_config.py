@@ -166,3 +166,8 @@ def test_resolving_with_the_data_sequence_length():
 def test_planned_world_size_must_be_positive():
     with pytest.raises(ConfigError, match="train.planned_world_size"):
         load_config(PretrainConfig, ROOT / "configs/pretrain/cpu_tiny.yaml", ["train.planned_world_size=0"])
+
+
+def test_a_dotted_index_into_a_list_is_refused_with_the_way_to_override_it():
+    with pytest.raises(ConfigError, match="override the whole list"):
+        load_config(PretrainConfig, Path("configs/pretrain/cpu_anneal.yaml"), ["data.phases.0.start_step=8"])
