@@ -2,7 +2,8 @@
 random initialisation with the same recipe, over several seeds, and print mean +- std, the
 difference, the seed spread and whether the difference exceeds it.
 
-    python bench/finetune_evidence.py --pretrained runs/transfer/pretrain --out runs/transfer/evidence [--seeds 0 1 2] [--steps 100]
+    python bench/finetune_evidence.py --pretrained runs/transfer/pretrain --out runs/transfer/evidence \
+        [--seeds 0 1 2] [--steps 200] [--set optim.lr=1e-3]
 
 Runs ``launcher/finetune.py`` (one process per run, CPU) on the bundled UCI sentiment and
 wikigold NER recipes (configs/finetune/uci_sentiment.yaml, wikigold.yaml). Both inits get the
@@ -40,7 +41,7 @@ def overrides(task: str, args: argparse.Namespace) -> list[str]:
     """The fine-tune command line shared by both inits (everything but init, run_dir and seed)."""
     return [f"init_from={args.pretrained}", f"train.max_steps={args.steps}", "train.zero_stage=0",
             "train.eval_every=0", "checkpoint.write_model_dir=false", "log.tensorboard=false",
-            *TASKS[task][1]]
+            *TASKS[task][1], *args.set]
 
 
 def run_one(task: str, init: str, seed: int, args: argparse.Namespace) -> dict:
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--out", type=Path, default=Path("runs/finetune_evidence"))
     parser.add_argument("--jobs", type=int, default=1, help="fine-tune processes at a time (results do not depend on it)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra fine-tune overrides for both inits, e.g. optim.lr=1e-3")
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS),
                         help="run only these inits (e.g. the random baselines while the pretraining still "
                              "runs: they read only its model shape and tokenizer); the table needs both")
@@ -99,7 +102,7 @@ def main() -> None:
         print(f"ran {len(jobs)} {'/'.join(args.inits)} runs under {args.out}; run again without --inits for the table")
         return
 
-    summary: dict = {"pretrained": str(args.pretrained), "steps": args.steps, "seeds": args.seeds,
+    summary: dict = {"pretrained": str(args.pretrained), "steps": args.steps, "seeds": args.seeds, "set": args.set,
                      "rule": RULE, "tasks": {}}
     print(f"{'task':<14}{'metric':<9}{'pretrained':>17}{'random init':>17}{'diff':>8}{'spread':>8}"
           f"{'majority':>10}  beyond spread / separated")
@@ -115,7 +118,7 @@ def main() -> None:
         verdict = f"{'yes' if row['beyond_spread'] else 'no'} / {'yes' if row['separated'] else 'no'}"
         print(f"{task:<14}{metric:<9}{fmt(row['pretrained']):>17}{fmt(row['random']):>17}"
               f"{row['difference']:>+8.3f}{row['spread']:>8.3f}{shown:>10}  {verdict}", flush=True)
-    print(f"(test split; {args.steps} steps, seeds {' '.join(map(str, args.seeds))}; rule: {RULE}; "
+    print(f"(test split; {args.steps} steps{''.join(' ' + o for o in args.set)}, seeds {' '.join(map(str, args.seeds))}; rule: {RULE}; "
           "separated: every pretrained seed above every random seed)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
