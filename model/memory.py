@@ -58,6 +58,13 @@ The peak is the largest of three moments:
   recomputation is alive only during its own block's backward, so the first block to run
   backward (the last layer) sets this peak: every other block's tensors are still held.
 
+Sequence parallelism over P ranks (DeepSpeed-Ulysses, ``train.sequence_parallel``): every
+per-token term above holds the rank's N / P tokens, and attention, which runs over the whole
+sequence for H / P heads after the all-to-all, keeps N (Q + 2 K) s / P, (N Q s) / P and N H 4 / P
+bytes: the same formula at N / P tokens (``sequence_parallel``). A dense document mask
+(``model.attention: document`` off CUDA) is B T^2 s on every rank, not divided, and not counted here
+(FlexAttention's block mask on CUDA is small).
+
 Small terms (rotary tables, a few fp32 vectors per token) are left out; what the allocator holds
 besides tensors (fragmentation, the CUDA caching allocator's reserve, NCCL buffers) is not part of
 this estimate.
@@ -114,19 +121,24 @@ class ActivationMemory:
 
 def estimate_activation_memory(cfg: ModelConfig, micro_batch_size: int, seq_len: int, dtype_bytes: int,
                                loss_chunk_tokens: int, checkpoint_every: int | None = None,
-                               device: str = "cuda") -> ActivationMemory:
+                               device: str = "cuda", sequence_parallel: int = 1) -> ActivationMemory:
     """Activation bytes of one rank at the peak of a training step (the module docstring gives the
     formula and what each term is). ``checkpoint_every``: 0 none, k every k-th block from block 0;
     None takes ``cfg.activation_checkpointing``. ``loss_chunk_tokens`` 0: full fp32 logits.
-    ``device`` "cpu" adds the copy CPU kernels make for a mixed-dtype in-place add."""
+    ``device`` "cpu" adds the copy CPU kernels make for a mixed-dtype in-place add.
+    ``sequence_parallel`` P: one rank of a group that splits each sequence P ways (``seq_len`` is
+    the whole sequence's)."""
     if micro_batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"micro batch ({micro_batch_size}) and sequence length ({seq_len}) must be positive")
+    if sequence_parallel <= 0 or seq_len % sequence_parallel:
+        raise ValueError(f"sequence_parallel ({sequence_parallel}) must be positive and divide the sequence "
+                         f"length ({seq_len})")
     if dtype_bytes not in (2, FP32):
         raise ValueError(f"dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), got {dtype_bytes}")
     every = cfg.checkpoint_every if checkpoint_every is None else checkpoint_every
     if every < 0:
         raise ValueError(f"checkpoint_every must be 0 (none) or a block interval k >= 1, got {every}")
-    n, s = micro_batch_size * seq_len, dtype_bytes
+    n, s = micro_batch_size * seq_len // sequence_parallel, dtype_bytes  # this rank's tokens
     C, Q, K, F = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim
     V, H, L = cfg.vocab_size, cfg.n_heads, cfg.n_layers
     narrower = s if s != FP32 else 0  # a cast to the dtype is a new tensor only below fp32

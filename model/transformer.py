@@ -9,7 +9,13 @@ from ``LlamaForCausalLM`` is a pure renaming of tensors with no row permutation.
 
 Construction: every leaf module initialises its own parameters in its constructor (so
 ``deepspeed.zero.Init`` partitions weights that are already initialised, module by module, and no
-rank ever holds the whole model). Built under ``torch.device("meta")``, ``to_empty(device=...)``
+rank ever holds the whole model).
+
+Sequence parallelism (DeepSpeed-Ulysses, :meth:`Transformer.enable_sequence_parallel`): each rank of
+a group gets the whole sample, derives the document ids, rotary positions and mask of the whole
+sequence, and runs only its chunk ``[r T / N, (r + 1) T / N)``; attention exchanges heads for
+sequence with an all-to-all (``deepspeed.sequence.layer.DistributedAttention``), so each rank
+attends over the whole sequence for ``n_heads / N`` heads. Built under ``torch.device("meta")``, ``to_empty(device=...)``
 followed by :meth:`Transformer.init_weights` gives the same weights as building on the device
 directly, for the same torch seed.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +89,16 @@ class OutputHead(Linear):
     """
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
-                chunk_tokens: int | None = None) -> torch.Tensor:
+                chunk_tokens: int | None = None, total_tokens: int | None = None) -> torch.Tensor:
+        """``total_tokens`` given (sequence parallelism): the sum of these tokens' losses divided
+        by ``total_tokens``, the token count of the whole micro batch, instead of their mean."""
         if targets is None:
             return F.linear(x, self.weight)  # (B, T, V)
         if chunk_tokens:
-            return chunked_cross_entropy(x, self.weight, targets, chunk_tokens)
-        return F.cross_entropy(F.linear(x, self.weight).float().flatten(0, -2), targets.flatten())
+            loss = chunked_cross_entropy(x, self.weight, targets, chunk_tokens)
+        else:
+            loss = F.cross_entropy(F.linear(x, self.weight).float().flatten(0, -2), targets.flatten())
+        return loss if total_tokens is None else loss * (targets.numel() / total_tokens)
 
 
 class Embedding(nn.Module):
@@ -193,6 +204,25 @@ class Attention(nn.Module):
         self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
+        # DeepSpeed's DistributedAttention around attend() under sequence parallelism; a plain
+        # attribute, not a submodule (it has no parameters and must not enter the state dict)
+        object.__setattr__(self, "sequence_parallel", None)
+
+    def enable_sequence_parallel(self, group: Any) -> None:
+        """Attend through an all-to-all over ``group``: the inputs are this rank's chunk of the
+        sequence with every head; attention runs over the whole sequence with this rank's share of
+        the heads (query heads and key/value heads in contiguous blocks, so each query head stays
+        with its key/value group when both counts divide by the group size)."""
+        from deepspeed.sequence.layer import DistributedAttention
+
+        def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: DocumentMask | None) -> torch.Tensor:  # (B, T, h, D) in and out
+            out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, q.shape[2] != k.shape[2])
+            return out.transpose(1, 2)
+
+        # (B, T, H, D) layout: scatter the heads (dim 2), gather the sequence (dim 1)
+        object.__setattr__(self, "sequence_parallel",
+                           DistributedAttention(local_attention, group, scatter_idx=2, gather_idx=1))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
@@ -204,8 +234,11 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # rotated at their own positions
         gqa = self.n_kv_heads != self.n_heads
+        if cache is None and self.sequence_parallel is not None:
+            out = self.sequence_parallel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, mask)
+            return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))  # out: (B, T, H, D)
         if cache is None:
             out = attend(q, k, v, mask, gqa)  # (B, H, T, D)
         else:
@@ -265,6 +298,22 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         tied = self.embed.weight if cfg.tie_embeddings else None
         self.lm_head = OutputHead(cfg.dim, cfg.vocab_size, cfg.init_std, weight=tied)
+        self.sp_rank, self.sp_size = 0, 1
+
+    def enable_sequence_parallel(self, group: Any) -> None:
+        """Split every training/scoring forward's sequence over the ranks of ``group`` (a
+        ``torch.distributed`` group; every rank of it passes the same tokens): see the module
+        docstring. Incremental decoding (a ``cache``) is not split."""
+        import torch.distributed as dist
+
+        self.sp_rank, self.sp_size = dist.get_rank(group), dist.get_world_size(group)
+        for layer in self.layers:
+            layer.attn.enable_sequence_parallel(group)
+
+    def sequence_chunk(self, length: int) -> slice:
+        """This rank's positions ``[r T / N, (r + 1) T / N)`` of a sequence of ``length`` tokens."""
+        size = length // self.sp_size
+        return slice(self.sp_rank * size, (self.sp_rank + 1) * size)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -300,10 +349,17 @@ class Transformer(nn.Module):
         With ``targets`` (B, T): the mean cross-entropy (fp32 scalar) of the logits against them
         instead, computed ``loss_chunk_tokens`` tokens at a time (see :mod:`model.loss`) so the
         (B*T, vocab_size) fp32 logits never exist; None or 0: from the full logits.
+
+        Sequence parallel (:meth:`enable_sequence_parallel`, no ``cache``): the logits of this
+        rank's chunk only (B, T / N, V); with ``targets``, the sum of this chunk's token losses over
+        the B T tokens of the whole micro batch (the group's sum is the mean over the sequence).
         """
         hidden = self.hidden_states(tokens, positions=positions, cache=cache, mask=mask)  # (B, T, C)
         if targets is None:
             return self.lm_head(hidden)  # (B, T, V)
+        if self.sp_size > 1 and cache is None:
+            chunk = targets[:, self.sequence_chunk(targets.shape[1])]
+            return self.lm_head(hidden, chunk, loss_chunk_tokens, total_tokens=targets.numel())
         return self.lm_head(hidden, targets, loss_chunk_tokens)
 
     def hidden_states(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
@@ -315,20 +371,26 @@ class Transformer(nn.Module):
         ``model.attention: document`` restricted to each token's document (documents end at
         ``eos_id``; rotary positions restart at each document).
         ``positions`` and a document ``mask`` given (code that splits the sequence) replace the
-        ones derived from ``tokens``. Incremental decoding (see :mod:`model.generate`), always
+        ones derived from ``tokens``. Sequence parallel: ``tokens``, ``positions`` and ``mask`` are
+        the whole sequence's; the hidden states returned are this rank's chunk (B, T / N, dim). Incremental decoding (see :mod:`model.generate`), always
         causal: ``positions`` (B, T), ``cache`` (appended to at ``cache.length``, which then
         advances by T) and a boolean ``mask`` (B, 1, T, cache length + T) of the keys each query
         may see.
         """
         T = tokens.shape[1]
-        x = self.embed(tokens)  # (B, T, C)
+        dtype = self.embed.weight.dtype
         if cache is None and mask is None and self.cfg.attention == "document":
             doc_ids = document_ids(tokens, self.cfg.eos_id)  # (B, T)
-            mask = build_document_mask(doc_ids, dtype=x.dtype)
+            mask = build_document_mask(doc_ids, dtype=dtype)  # whole sequence: heads are local after the all-to-all
             if positions is None:
                 positions = document_positions(doc_ids)  # (B, T)
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
+        if self.sp_size > 1 and cache is None:  # this rank's chunk of the sequence
+            chunk = self.sequence_chunk(T)
+            tokens, positions = tokens[:, chunk], positions[..., chunk]
+            T = tokens.shape[1]
+        x = self.embed(tokens)  # (B, T, C)
         cos, sin = rope_tables(self.cfg, positions, x.dtype)  # (T, D) or (B, T, D)
         sin = signed_sin(sin)
         if cos.dim() == 3:
