@@ -31,6 +31,7 @@ from training.deepspeed_config import (
     planned_world_size,
 )
 from training.init_model import find_init_source, init_model_config
+from training.parallel import check_sequence_parallel, data_parallel_size, describe_groups
 from training.steps.language_model import model_config_for, require_manifests
 
 
@@ -100,15 +101,18 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
     dtype_bytes = 4 if train.precision == "fp32" else 2
     every = model_cfg.checkpoint_every
     device = "cpu" if train.device == "cpu" else "cuda"  # a plan is for GPUs unless the recipe says cpu
+    sp = train.sequence_parallel
     est = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
-                                     train.loss_chunk_tokens, every, device=device)
+                                     train.loss_chunk_tokens, every, device=device, sequence_parallel=sp)
     what = "none" if not every else ("every block" if every == 1 else f"blocks 0, {every}, {2 * every}, ...")
     loss = (f"loss in chunks of {train.loss_chunk_tokens} tokens" if train.loss_chunk_tokens
             else "full fp32 logits")
     lines = [
         f"activation memory per GPU (model/memory.py; micro batch {train.micro_batch_size} x {seq_len} tokens "
         f"({seq_from}), {train.precision}, {loss}, checkpointing {what}: {est.checkpointed_blocks} of "
-        f"{model_cfg.n_layers} blocks recomputed):",
+        f"{model_cfg.n_layers} blocks recomputed" + (f"; sequence split over {sp} ranks, {seq_len // sp} tokens "
+                                                      "per rank, attention over all tokens for "
+                                                      f"{model_cfg.n_heads // sp} heads" if sp > 1 else "") + "):",
         f"  {est.peak_bytes / GIB:8.2f} GiB at the peak ({est.peak_phase}): blocks keep {est.blocks_bytes / GIB:.2f} GiB "
         f"({est.block_bytes / GIB:.3f} GiB a block not recomputed)",
     ]
@@ -116,9 +120,13 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
     for k in sorted({0, 1, 2, 3, 4, every}):
         if k <= model_cfg.n_layers:
             peak = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
-                                              train.loss_chunk_tokens, k, device=device).peak_bytes
+                                              train.loss_chunk_tokens, k, device=device,
+                                              sequence_parallel=sp).peak_bytes
             others.append(f"k={k}: {peak / GIB:.2f}" + (" (this recipe)" if k == every else ""))
     lines.append("  by model.activation_checkpointing (0 none, k every k-th block), GiB: " + ", ".join(others))
+    if sp > 1 and model_cfg.attention == "document" and device == "cpu":
+        mask = train.micro_batch_size * seq_len ** 2 * dtype_bytes
+        lines.append(f"  plus the dense document mask, whole on every rank: {mask / GIB:.2f} GiB")
     return est.peak_bytes / GIB, lines
 
 
@@ -160,9 +168,11 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
     if write_gbps <= 0:
         raise ConfigError(f"--write-gbps must be positive (GB/s per rank), got {write_gbps}")
     world, why = plan_world_size(cfg, world_size)
+    sp = cfg.train.sequence_parallel
     try:
+        dp = data_parallel_size(world, sp)  # the ranks of a sequence-parallel group read the same samples
         # planned as nodes of 8 GPUs, as the memory plans below
-        ds_config = build_deepspeed_config(cfg.train, cfg.optim, world, ranks_per_node=min(world, 8))
+        ds_config = build_deepspeed_config(cfg.train, cfg.optim, dp, ranks_per_node=min(world, 8))
     except ConfigError as exc:
         if world_size is None:
             raise ConfigError(f"{exc} (--dry-run planned for {world} rank(s), {why}; pass --world-size N "
@@ -222,7 +232,10 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
         print(f"data: {data.manifests} manifest(s), seq_len {data.seq_len}, {data.train_samples:,} train "
               f"samples ({data.train_tokens:,} tokens); {cfg.train.max_steps:,} steps x {per_step} sequences "
               f"= {epochs:.2f} epochs")
-    print(f"deepspeed config (data-parallel size {world}, from {why}):")
+    print(f"parallel groups on {world} rank(s) ({why}):")
+    print("\n".join(describe_groups(world, sp)))
+    print(f"deepspeed config (data-parallel size {dp}" + (f" = {world} ranks / sequence_parallel {sp}" if sp > 1 else
+                                                          f", from {why}") + "):")
     print(json.dumps(ds_config, indent=2, sort_keys=True))
     print("model-state memory from DeepSpeed's estimators (weights, gradients, optimizer; "
           "activations excluded):")
@@ -234,6 +247,10 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
               f"{est['cpu_gib_per_node']:8.2f} GiB CPU per node" + ("   <- this plan" if i == 0 else ""), flush=True)
     seq_len, seq_from = ((data.seq_len, "the shards' seq_len") if data is not None
                          else (model_cfg.max_seq_len, "model.max_seq_len, no manifest read"))
+    try:
+        check_sequence_parallel(sp, seq_len, model_cfg.n_heads, model_cfg.kv_heads)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (--dry-run, {seq_from} {seq_len})") from None
     activation_gib, lines = activation_report(cfg, model_cfg, seq_len, seq_from)
     model_state_gib = estimate_memory_per_gpu(cfg.train, total, largest, *plans[0])["gpu_gib"]
     print("\n".join(lines))

@@ -273,9 +273,11 @@ def partitioned_init(ds_config: dict[str, Any]) -> AbstractContextManager:
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: torch.optim.Optimizer | None,
-                 model_parameters: list[dict[str, Any]] | None = None) -> tuple[Any, torch.optim.Optimizer]:
+                 model_parameters: list[dict[str, Any]] | None = None,
+                 mpu: Any = None) -> tuple[Any, torch.optim.Optimizer]:
     """``deepspeed.initialize`` with a client optimizer, or (``optimizer`` None) with DeepSpeed's
-    own optimizer from the config over ``model_parameters``.
+    own optimizer from the config over ``model_parameters``. ``mpu``: the model-parallel groups
+    (sequence parallelism: :func:`training.parallel.initialize_sequence_parallel`'s).
 
     Returns the engine and the optimizer whose ``param_groups`` carry the learning rate.
     """
@@ -283,7 +285,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: t
 
     if optimizer is None:
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model_parameters, config=ds_config)
+            model=model, model_parameters=model_parameters, config=ds_config, mpu=mpu)
         return engine, ds_optimizer
     base = zero_supported_base(optimizer) if ds_config["zero_optimization"]["stage"] > 0 else None
     quiet = _UntestedOptimizerFilter()
@@ -294,7 +296,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: t
                   "not shown", type(optimizer).__name__, base.__module__, base.__name__)
         logging.getLogger("DeepSpeed").addFilter(quiet)
     try:
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     finally:
         logging.getLogger("DeepSpeed").removeFilter(quiet)
     return engine, optimizer

@@ -40,6 +40,7 @@ from training.init_model import (
 )
 from training.metrics import model_state_bytes
 from training.optim import build_optimizer, param_groups
+from training.parallel import Layout, check_sequence_parallel, data_parallel_size, initialize_sequence_parallel
 from training.steps.base import StepModule, StepOutput
 
 log = logging.getLogger("crucible.training.language_model")
@@ -194,12 +195,19 @@ class LanguageModelStep(StepModule):
     With ``init_from`` the model is the source's architecture with its weights at a fresh start
     (see :mod:`training.init_model`); a resumed run loads its own checkpoint instead."""
 
+    supports_sequence_parallel = True
+    """``train.sequence_parallel`` > 1 splits each sample's sequence (see :mod:`training.parallel`)."""
+
     resuming: bool = False
     """Set by the loop before :meth:`build_engine`: a checkpoint of this run will be loaded, so
     the ``init_from`` weights are not."""
 
     def __init__(self, cfg: PretrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
+        sp = cfg.train.sequence_parallel
+        data_parallel_size(ctx.world_size, sp)  # divides, or a ConfigError
+        self.layout = Layout(ctx.rank, ctx.world_size, sp)
+        self.sp_group: Any = None
         self.run_dir = Path(cfg.run_dir)
         self.init_source: InitSource | None = None
         self.init_record: dict[str, Any] | None = None
@@ -219,8 +227,9 @@ class LanguageModelStep(StepModule):
         if planned is not None and planned != plan.data_parallel_size:
             log.info("the recipe is planned for %d ranks and runs on %d: gradient accumulation %d, global "
                      "batch %d", planned, plan.data_parallel_size, plan.grad_accum_steps, plan.global_batch_size)
-        self.loader = build_train_stream(self.cfg.data, plan.micro_batch_size, self.ctx.rank, self.ctx.world_size,
-                                         plan.global_batch_size, self.cfg.train.max_steps)
+        layout = self.layout  # the ranks of a sequence-parallel group read the same samples
+        self.loader = build_train_stream(self.cfg.data, plan.micro_batch_size, layout.data_parallel_rank,
+                                         layout.data_parallel_size, plan.global_batch_size, self.cfg.train.max_steps)
         self.seq_len = int(self.loader.seq_len)
         eos_id = (getattr(self.loader, "tokenizer", None) or {}).get("eos_id")
         self.tokenizer_sha256 = tokenizer_sha256(self.loader)
@@ -235,6 +244,7 @@ class LanguageModelStep(StepModule):
         self.model_cfg = model_config_for(recipe, vocab_size, self.seq_len,
                                           eos_id=None if eos_id is None else int(eos_id))
         self.run_config = self.cfg.model_copy(update={"model": self.model_cfg})
+        check_sequence_parallel(layout.sequence_parallel, self.seq_len, self.model_cfg.n_heads, self.model_cfg.kv_heads)
         train = self.cfg.train
         self.eval_samples = train.eval_batches * plan.micro_batch_size * (train.planned_world_size
                                                                            or plan.data_parallel_size)
@@ -247,10 +257,14 @@ class LanguageModelStep(StepModule):
         if self.cfg.train.compile:
             compile_blocks(model, dynamic=False)  # the training batch shape is fixed
         optim = self.cfg.optim
+        mpu = None
+        if self.layout.sequence_parallel > 1:
+            mpu, self.sp_group = initialize_sequence_parallel(self.layout.sequence_parallel)
+            model.enable_sequence_parallel(self.sp_group)
         groups = param_groups(model, optim)
         optimizer = (None if optim.implementation == "deepspeed"
                      else build_optimizer(groups, optim, ds_config["zero_optimization"]["stage"]))
-        self.engine, self.optimizer = build_engine(model, ds_config, optimizer, model_parameters=groups)
+        self.engine, self.optimizer = build_engine(model, ds_config, optimizer, model_parameters=groups, mpu=mpu)
         return self.engine, self.optimizer
 
     def _start_from_source(self, model: Transformer, partitioned: bool) -> None:
@@ -278,7 +292,12 @@ class LanguageModelStep(StepModule):
 
     def train_step(self, batch: list[torch.Tensor], step: int) -> StepOutput:
         """Every micro batch holds the same number of tokens (packed, no padding), so the mean
-        of the micro-batch means over steps and ranks is the per-token mean."""
+        of the micro-batch means over steps and ranks is the per-token mean.
+
+        Sequence parallel: each rank backpropagates its chunk's share of the micro batch's mean
+        (DeepSpeed sums the gradients of a group's ranks) and reports the group's sum, the mean
+        over the whole sequence; tokens are this rank's chunk, so the sum over ranks counts each
+        token once."""
         extra: dict[str, float] = {}
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # read by the loop
         for micro, tokens in enumerate(batch):
@@ -290,9 +309,18 @@ class LanguageModelStep(StepModule):
                 # the first): after the last backward, before the optimizer step
                 self.model_state_gb = extra["memory/model_state_gb"] = model_state_bytes(self.engine) / 1024**3
             self.engine.step()
-            loss_sum += loss.detach().double()
-        tokens = sum(t.shape[0] * (t.shape[1] - 1) for t in batch)
+            loss_sum += self._group_sum(loss.detach().double())
+        tokens = sum(t.shape[0] * (t.shape[1] - 1) for t in batch) // self.layout.sequence_parallel
         return StepOutput(loss_sum, float(len(batch)), tokens, extra)
+
+    def _group_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over this rank's sequence-parallel group (itself without one)."""
+        if self.sp_group is None:
+            return value
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.sp_group)
+        return value
 
     def evaluate(self) -> dict[str, float] | None:
         """Validation during training (``val/...``, see :func:`validation_metrics`) on a fixed
@@ -316,8 +344,8 @@ class LanguageModelStep(StepModule):
         (tokens x vocabulary) logits in the model dtype.
         """
         try:
-            loader = build_eval_loader(self.cfg.data, self.cfg.train.micro_batch_size, self.ctx.rank,
-                                       self.ctx.world_size, split="validation", max_samples=max_samples)
+            loader = build_eval_loader(self.cfg.data, self.cfg.train.micro_batch_size, self.layout.data_parallel_rank,
+                                       self.layout.data_parallel_size, split="validation", max_samples=max_samples)
         except DataError as exc:
             if not self._val_warned:
                 log.warning("no validation: %s", exc)
@@ -333,9 +361,12 @@ class LanguageModelStep(StepModule):
             for batch in loader:
                 tokens = batch.tokens.to(device, non_blocking=True)
                 keep = batch.keep.to(device)
-                logits = self.engine(tokens[:, :-1])  # (B, T, V)
+                logits = self.engine(tokens[:, :-1])  # (B, T, V); sequence parallel: this rank's chunk
+                targets = tokens[:, 1:]
+                if self.sp_group is not None:  # each rank counts its chunk's tokens, each once
+                    targets = targets[:, self.engine.module.sequence_chunk(targets.shape[1])]
                 at = 3 * batch.source
-                sums[at:at + 3] += next_token_sums(logits, tokens[:, 1:], keep, byte_lengths)
+                sums[at:at + 3] += next_token_sums(logits, targets, keep, byte_lengths)
         self.engine.train()
         totals = sum_over_ranks(sums, device).cpu()
         with_bytes = int(totals[-1]) == self.ctx.world_size  # every rank has the tokenizer
