@@ -2,12 +2,13 @@
 
 - Config refusals (in-process): the combinations that were not verified, and the shapes that do
   not split.
-- One launch pair: sequence parallel 2 on 2 ranks (document attention) follows the 1-rank run
+- One launch pair: sequence parallel 2 on 2 ranks (ZeRO-3, document attention) follows the 1-rank run
   with the same global batch for 10 steps, with a rank SIGKILLed while saving step 6 and the
   rerun resuming from step 3 and reproducing the losses it had logged before the kill bit for bit.
 - Long context (2 in-process gloo ranks, the model only): the tiny model at 8x its length, the
   loss and gradients of the split sequence equal the whole sequence's, and each rank keeps about
-  half the activation bytes of one rank, printed beside the ``--dry-run`` estimate.
+  half the activation bytes of one rank, printed beside the ``--dry-run`` estimate; one ZeRO-2
+  step of the split model has the whole sequence's gradient norm.
 
 Tolerance of the 1-rank comparison: the 2 ranks compute the same per-token losses, but attention
 runs after an all-to-all on re-laid-out tensors, the loss is summed in two halves and DeepSpeed
@@ -43,8 +44,8 @@ def test_unverified_combinations_and_unsplittable_shapes_are_refused():
     from training.config import PretrainConfig, TrainConfig
     from training.parallel import check_sequence_parallel, data_parallel_size, parallel_groups
 
-    for bad, reason in [({"zero_stage": 3}, "zero_stage 0, 1 or 2"), ({"compile": True}, "compile"),
-                        ({"zero_stage": 2, "offload_optimizer": "cpu"}, "ZeRO-Offload")]:
+    for bad, reason in [({"compile": True}, "compile"), ({"zero_stage": 2, "offload_optimizer": "cpu"}, "ZeRO-Offload"),
+                        ({"zero_stage": 3, "zero": {"zero_hpz_partition_size": 2}}, "hpz_partition_size")]:
         with pytest.raises(ValidationError, match=reason):
             TrainConfig(sequence_parallel=2, **bad)
         TrainConfig(sequence_parallel=1, **bad)  # accepted without sequence parallelism
@@ -69,7 +70,7 @@ def sp_manifest(tmp_path_factory) -> Path:
 
 def _launch(run_dir: Path, manifest: Path, *overrides: str, num_gpus: int, env: dict[str, str] | None = None):
     args = ["--config", RECIPE, f"run_dir={run_dir}", f"data.manifests=[{manifest}]", f"train.max_steps={STEPS}",
-            "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.zero_stage=2", "model.attention=document",
+            "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.zero_stage=3", "model.attention=document",
             "checkpoint.every=3", "checkpoint.keep_last=3", "checkpoint.write_model_dir=false", "log.every=1",
             "train.eval_every=5", "train.eval_batches=1", "train.eval_full_at_end=false", *overrides]
     return run_deepspeed(LAUNCHER, args, num_gpus=num_gpus, timeout=300, env=env,
@@ -177,7 +178,29 @@ def _long_context_rank(rank: int, world_size: int) -> dict:
         dist.all_reduce(p.grad, group=group)  # DeepSpeed sums the group's gradients the same way
         grads[n] = p.grad.numpy()
     out.update(loss=total.numpy(), grads=grads)
+    out["zero2_grad_norm"] = _engine_grad_norm(tokens, 2, world_size)
     return out
+
+
+def _engine_grad_norm(tokens: torch.Tensor, zero_stage: int, sequence_parallel: int) -> float:
+    """The gradient norm DeepSpeed computes for one step of the split model under ``zero_stage``
+    with the trainer's groups and loss scale."""
+    from model.transformer import build_transformer
+    from training.engine import build_engine
+    from training.parallel import initialize_sequence_parallel
+    from training.steps.language_model import sequence_parallel_backward_scale
+
+    mpu, group = initialize_sequence_parallel(sequence_parallel)
+    model = build_transformer(_long_context_cfg(), seed=0)
+    model.enable_sequence_parallel(group)
+    config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, _ = build_engine(model, config, None, model_parameters=list(model.parameters()), mpu=mpu)
+    loss = engine(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk_tokens=256)
+    engine.backward(loss * sequence_parallel_backward_scale(zero_stage, sequence_parallel))
+    engine.step()
+    return float(engine.get_global_grad_norm())
 
 
 @pytest.mark.distributed
@@ -193,6 +216,9 @@ def test_long_context_split_over_two_ranks_halves_activation_memory():
         for name, grad in r["grads"].items():
             torch.testing.assert_close(torch.from_numpy(grad), torch.from_numpy(whole["whole_grads"][name]),
                                        rtol=1e-4, atol=1e-7, msg=name)
+    whole_norm = float(torch.cat([torch.from_numpy(g).flatten() for g in whole["whole_grads"].values()]).norm())
+    for r in ranks:  # ZeRO-2 sums the sequence ranks' gradients: the whole sequence's gradient
+        assert r["zero2_grad_norm"] == pytest.approx(whole_norm, rel=1e-5)
     cfg = _long_context_cfg()
     estimate = {sp: estimate_activation_memory(cfg, 1, LONG, 4, 256, 0, device="cpu", sequence_parallel=sp)
                 for sp in (1, 2)}

@@ -259,17 +259,18 @@ def zero_supported_base(optimizer: torch.optim.Optimizer) -> type | None:
     return next((base for base in type(optimizer).__mro__ if base in ZERO_SUPPORTED_OPTIMIZERS), None)
 
 
-def partitioned_init(ds_config: dict[str, Any]) -> AbstractContextManager:
+def partitioned_init(ds_config: dict[str, Any], mpu: Any = None) -> AbstractContextManager:
     """The context to construct a model in: under ZeRO-3 ``deepspeed.zero.Init``, so that every
     parameter is partitioned as soon as it is created and no rank ever holds the whole model
-    (offloaded parameters go straight to their offload device); otherwise nothing."""
+    (offloaded parameters go straight to their offload device); otherwise nothing. ``mpu``: as
+    for :func:`build_engine` (DeepSpeed's batch check then counts data-parallel ranks only)."""
     zero = ds_config["zero_optimization"]
     if zero["stage"] != 3:
         return nullcontext()
     import deepspeed
 
     offload = zero.get("offload_param", {}).get("device")
-    return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=offload)
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=offload, mpu=mpu)
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: torch.optim.Optimizer | None,

@@ -132,14 +132,14 @@ def tokenizer_source_dir(loader: Any, manifest_path: str) -> Path | None:
 
 
 def build_language_model(model_cfg: ModelConfig, ds_config: dict[str, Any], seed: int,
-                         device: torch.device) -> Transformer:
+                         device: torch.device, mpu: Any = None) -> Transformer:
     """The Transformer with its fp32 initial weights, never whole in host memory: under ZeRO-3
     built inside ``deepspeed.zero.Init`` (partitioned as it is created), otherwise on the meta
     device and materialised on the training device. The same seed gives the same weights on
-    every device and ZeRO stage."""
+    every device and ZeRO stage. ``mpu``: the sequence-parallel groups, if any."""
     if ds_config["zero_optimization"]["stage"] == 3:
         torch.manual_seed(seed)
-        with partitioned_init(ds_config):
+        with partitioned_init(ds_config, mpu):
             return Transformer(model_cfg)
     return build_transformer(model_cfg, device=device, seed=seed, dtype=torch.float32)
 
@@ -157,6 +157,16 @@ def next_token_sums(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Ten
     return torch.stack([row_nats[keep].sum(), torch.tensor(float(kept.numel()), dtype=torch.float64,
                                                            device=logits.device),
                         torch.as_tensor(nbytes, dtype=torch.float64, device=logits.device)])
+
+
+def sequence_parallel_backward_scale(zero_stage: int, sequence_parallel: int) -> int:
+    """The factor on the loss each rank backpropagates so that DeepSpeed's gradient reduction
+    gives the gradient of the full-sequence mean. Each rank's loss is its chunk's share of the
+    mean (see :meth:`model.transformer.Transformer.forward`), so the group's gradients must be
+    summed: ZeRO 0-2 sum over the sequence-parallel ranks (and average over data-parallel ones);
+    ZeRO-3's reduce-scatter averages over all of them (DeepSpeed 0.19 applies its
+    sequence-parallel correction on another path only), so the loss is multiplied by the group size."""
+    return sequence_parallel if zero_stage == 3 else 1
 
 
 def validation_metrics(prefix: str, names: list[str], nats: list[float], tokens: list[float],
@@ -208,6 +218,7 @@ class LanguageModelStep(StepModule):
         data_parallel_size(ctx.world_size, sp)  # divides, or a ConfigError
         self.layout = Layout(ctx.rank, ctx.world_size, sp)
         self.sp_group: Any = None
+        self.backward_scale = sequence_parallel_backward_scale(cfg.train.zero_stage, sp)
         self.run_dir = Path(cfg.run_dir)
         self.init_source: InitSource | None = None
         self.init_record: dict[str, Any] | None = None
@@ -251,16 +262,17 @@ class LanguageModelStep(StepModule):
         return self.loader
 
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
-        model = build_language_model(self.model_cfg, ds_config, self.cfg.train.seed, self.ctx.device)
+        mpu = None
+        if self.layout.sequence_parallel > 1:  # groups first: ZeRO-3 partitions over them while building
+            mpu, self.sp_group = initialize_sequence_parallel(self.layout.sequence_parallel)
+        model = build_language_model(self.model_cfg, ds_config, self.cfg.train.seed, self.ctx.device, mpu)
+        if mpu is not None:
+            model.enable_sequence_parallel(self.sp_group)
         if self.init_source is not None:
             self._start_from_source(model, ds_config["zero_optimization"]["stage"] == 3)
         if self.cfg.train.compile:
             compile_blocks(model, dynamic=False)  # the training batch shape is fixed
         optim = self.cfg.optim
-        mpu = None
-        if self.layout.sequence_parallel > 1:
-            mpu, self.sp_group = initialize_sequence_parallel(self.layout.sequence_parallel)
-            model.enable_sequence_parallel(self.sp_group)
         groups = param_groups(model, optim)
         optimizer = (None if optim.implementation == "deepspeed"
                      else build_optimizer(groups, optim, ds_config["zero_optimization"]["stage"]))
@@ -302,7 +314,7 @@ class LanguageModelStep(StepModule):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # read by the loop
         for micro, tokens in enumerate(batch):
             loss = self._loss(tokens)
-            self.engine.backward(loss)
+            self.engine.backward(loss * self.backward_scale)
             if self.model_state_gb is None and step >= 1 and micro == len(batch) - 1:
                 # weights + gradients + optimizer state held by this rank (ZeRO shards counted),
                 # at the gradient peak of the second step (AdamW creates its state lazily in
