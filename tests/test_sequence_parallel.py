@@ -8,7 +8,7 @@
 - Long context (2 in-process gloo ranks, the model only): the tiny model at 8x its length, the
   loss and gradients of the split sequence equal the whole sequence's, and each rank keeps about
   half the activation bytes of one rank, printed beside the ``--dry-run`` estimate; one ZeRO-2
-  step of the split model has the whole sequence's gradient norm.
+  step of the split model with activation checkpointing has the whole sequence's gradient norm.
 
 Tolerance of the 1-rank comparison: the 2 ranks compute the same per-token losses, but attention
 runs after an all-to-all on re-laid-out tensors, the loss is summed in two halves and DeepSpeed
@@ -184,14 +184,15 @@ def _long_context_rank(rank: int, world_size: int) -> dict:
 
 def _engine_grad_norm(tokens: torch.Tensor, zero_stage: int, sequence_parallel: int) -> float:
     """The gradient norm DeepSpeed computes for one step of the split model under ``zero_stage``
-    with the trainer's groups and loss scale."""
+    with the trainer's groups and loss scale, every block checkpointed."""
     from model.transformer import build_transformer
     from training.engine import build_engine
     from training.parallel import initialize_sequence_parallel
     from training.steps.language_model import sequence_parallel_backward_scale
 
     mpu, group = initialize_sequence_parallel(sequence_parallel)
-    model = build_transformer(_long_context_cfg(), seed=0)
+    # every block recomputed in backward: the recomputation runs the all-to-all again
+    model = build_transformer(_long_context_cfg().model_copy(update={"activation_checkpointing": 1}), seed=0)
     model.enable_sequence_parallel(group)
     config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9,

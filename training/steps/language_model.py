@@ -235,9 +235,9 @@ class LanguageModelStep(StepModule):
             )
         require_manifests(self.cfg.data.all_manifests())
         planned = self.cfg.train.planned_world_size
-        if planned is not None and planned != plan.data_parallel_size:
+        if planned is not None and planned != self.ctx.world_size:
             log.info("the recipe is planned for %d ranks and runs on %d: gradient accumulation %d, global "
-                     "batch %d", planned, plan.data_parallel_size, plan.grad_accum_steps, plan.global_batch_size)
+                     "batch %d", planned, self.ctx.world_size, plan.grad_accum_steps, plan.global_batch_size)
         layout = self.layout  # the ranks of a sequence-parallel group read the same samples
         self.loader = build_train_stream(self.cfg.data, plan.micro_batch_size, layout.data_parallel_rank,
                                          layout.data_parallel_size, plan.global_batch_size, self.cfg.train.max_steps)
@@ -257,8 +257,8 @@ class LanguageModelStep(StepModule):
         self.run_config = self.cfg.model_copy(update={"model": self.model_cfg})
         check_sequence_parallel(layout.sequence_parallel, self.seq_len, self.model_cfg.n_heads, self.model_cfg.kv_heads)
         train = self.cfg.train
-        self.eval_samples = train.eval_batches * plan.micro_batch_size * (train.planned_world_size
-                                                                           or plan.data_parallel_size)
+        planned_dp = max(1, train.planned_world_size // train.sequence_parallel) if train.planned_world_size else None
+        self.eval_samples = train.eval_batches * plan.micro_batch_size * (planned_dp or plan.data_parallel_size)
         return self.loader
 
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
