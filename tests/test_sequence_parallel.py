@@ -5,7 +5,7 @@
 - One launch pair: sequence parallel 2 on 2 ranks (ZeRO-3, document attention) follows the 1-rank run
   with the same global batch for 10 steps, with a rank SIGKILLed while saving step 6 and the
   rerun resuming from step 3 and reproducing the losses it had logged before the kill bit for bit.
-- Long context (2 in-process gloo ranks, the model only): the tiny model at 8x its length, the
+- Long context (2 in-process gloo ranks, the model only): the tiny model at 8x its length (YaRN), the
   loss and gradients of the split sequence equal the whole sequence's, and each rank keeps about
   half the activation bytes of one rank, printed beside the ``--dry-run`` estimate; one ZeRO-2
   step of the split model with activation checkpointing has the whole sequence's gradient norm.
@@ -129,7 +129,9 @@ LONG = 8 * 128  # 8x the tiny preset's pretraining length
 def _long_context_cfg():
     from model.config import ModelConfig
 
-    return ModelConfig(preset="tiny", vocab_size=256, max_seq_len=LONG, dtype="float32")
+    # extended as a context-extension run would be: YaRN over the preset's 128 positions
+    return ModelConfig(preset="tiny", vocab_size=256, max_seq_len=LONG, dtype="float32",
+                       rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128})
 
 
 def _saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -233,3 +235,21 @@ def test_long_context_split_over_two_ranks_halves_activation_memory():
     for ratio in ratios:
         assert 0.45 < ratio < 0.6, ratios
     assert kept[2] / kept[1] == pytest.approx(0.5)
+
+
+def test_dry_run_prints_the_groups_and_activations_per_rank(sp_manifest, capsys):
+    """The groups for --world-size ranks, the data-parallel size, activations per rank; heads that
+    do not split are refused before any plan is printed (exit 2)."""
+    from launcher.pretrain import main
+
+    common = ["--config", RECIPE, "--dry-run", "--world-size", "4", f"data.manifests=[{sp_manifest}]"]
+    assert main([*common, "train.sequence_parallel=2", "train.grad_accum_steps=null"]) == 0
+    out = capsys.readouterr().out
+    assert "sequence-parallel groups (2 of 2 rank(s)): [0, 1], [2, 3]" in out
+    assert "data-parallel groups (2 of 2 rank(s)): [0, 2], [1, 3]" in out
+    assert "data-parallel size 2 = 4 ranks / sequence_parallel 2" in out
+    assert "sequence split over 2 ranks, 32 tokens per rank, attention over all tokens for 2 heads" in out
+    assert main([*common, "train.sequence_parallel=4"]) == 2
+    captured = capsys.readouterr()
+    assert "must divide both model.n_heads (4) and the key/value heads (2)" in captured.err
+    assert "deepspeed config" not in captured.out

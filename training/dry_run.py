@@ -208,6 +208,11 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
                                          data.seq_len)
         except UserError as exc:
             problems.append(str(exc))
+    planned_len = data.seq_len if data is not None else model_cfg.max_seq_len
+    try:
+        check_sequence_parallel(sp, planned_len, model_cfg.n_heads, model_cfg.kv_heads)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (--dry-run, sequence length {planned_len})") from None
     if env_rank() != 0:
         if problems:
             raise DataError("; ".join(problems))
@@ -247,10 +252,6 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
               f"{est['cpu_gib_per_node']:8.2f} GiB CPU per node" + ("   <- this plan" if i == 0 else ""), flush=True)
     seq_len, seq_from = ((data.seq_len, "the shards' seq_len") if data is not None
                          else (model_cfg.max_seq_len, "model.max_seq_len, no manifest read"))
-    try:
-        check_sequence_parallel(sp, seq_len, model_cfg.n_heads, model_cfg.kv_heads)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} (--dry-run, {seq_from} {seq_len})") from None
     activation_gib, lines = activation_report(cfg, model_cfg, seq_len, seq_from)
     model_state_gib = estimate_memory_per_gpu(cfg.train, total, largest, *plans[0])["gpu_gib"]
     print("\n".join(lines))
