@@ -104,15 +104,15 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
     sp = train.sequence_parallel
     est = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
                                      train.loss_chunk_tokens, every, device=device, sequence_parallel=sp)
+    split = (f"; sequence split over {sp} ranks, {seq_len // sp} tokens per rank, attention over all tokens "
+             f"for {model_cfg.n_heads // sp} heads" if sp > 1 else "")
     what = "none" if not every else ("every block" if every == 1 else f"blocks 0, {every}, {2 * every}, ...")
     loss = (f"loss in chunks of {train.loss_chunk_tokens} tokens" if train.loss_chunk_tokens
             else "full fp32 logits")
     lines = [
         f"activation memory per GPU (model/memory.py; micro batch {train.micro_batch_size} x {seq_len} tokens "
         f"({seq_from}), {train.precision}, {loss}, checkpointing {what}: {est.checkpointed_blocks} of "
-        f"{model_cfg.n_layers} blocks recomputed" + (f"; sequence split over {sp} ranks, {seq_len // sp} tokens "
-                                                      "per rank, attention over all tokens for "
-                                                      f"{model_cfg.n_heads // sp} heads" if sp > 1 else "") + "):",
+        f"{model_cfg.n_layers} blocks recomputed{split}):",
         f"  {est.peak_bytes / GIB:8.2f} GiB at the peak ({est.peak_phase}): blocks keep {est.blocks_bytes / GIB:.2f} GiB "
         f"({est.block_bytes / GIB:.3f} GiB a block not recomputed)",
     ]

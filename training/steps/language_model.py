@@ -40,7 +40,12 @@ from training.init_model import (
 )
 from training.metrics import model_state_bytes
 from training.optim import build_optimizer, param_groups
-from training.parallel import Layout, check_sequence_parallel, data_parallel_size, initialize_sequence_parallel
+from training.parallel import (
+    Layout,
+    check_sequence_parallel,
+    data_parallel_size,
+    initialize_sequence_parallel,
+)
 from training.steps.base import StepModule, StepOutput
 
 log = logging.getLogger("crucible.training.language_model")
