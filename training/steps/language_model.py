@@ -262,8 +262,9 @@ class LanguageModelStep(StepModule):
         self.run_config = self.cfg.model_copy(update={"model": self.model_cfg})
         check_sequence_parallel(layout.sequence_parallel, self.seq_len, self.model_cfg.n_heads, self.model_cfg.kv_heads)
         train = self.cfg.train
-        planned_dp = max(1, train.planned_world_size // train.sequence_parallel) if train.planned_world_size else None
-        self.eval_samples = train.eval_batches * plan.micro_batch_size * (planned_dp or plan.data_parallel_size)
+        # the recipe's planned ranks, whatever the layout: the same sequences with or without sequence parallelism
+        self.eval_samples = train.eval_batches * plan.micro_batch_size * (train.planned_world_size
+                                                                           or plan.data_parallel_size)
         return self.loader
 
     def build_engine(self, ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
