@@ -120,6 +120,12 @@ def test_sequence_parallel_two_ranks_follow_one_rank_and_resume_bit_for_bit(sp_m
     val_got, val_want = _by_step(_records(run), "val/loss"), _by_step(_records(single), "val/loss")
     assert val_got[10]["val/loss"] == pytest.approx(val_want[10]["val/loss"], rel=1e-5)
 
+    # the checkpoints hold sequence-parallel chunks of the data order: another layout is refused
+    other = _launch(run, sp_manifest, "train.sequence_parallel=1", "train.max_steps=12", num_gpus=2)
+    assert other.returncode != 0
+    said = other.stdout + "".join(other.rank_logs.values())
+    assert "was saved with train.sequence_parallel=2 and this run sets 1" in said, other.describe()
+
 
 # ------------------------------------------------------------------------- long context
 
