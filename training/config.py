@@ -115,6 +115,8 @@ class TrainConfig(Section):
     """torch.compile each Transformer block on its own (regional compilation; embedding, head and loss stay eager): faster steps after a slower start (inductor compiles the blocks' kernels before the first step; its cache, /tmp/torchinductor_<user> or TORCHINDUCTOR_CACHE_DIR, makes later starts faster). Losses match eager within float rounding."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """DeepSpeed ZeRO stage."""
+    sequence_parallel: int = Field(1, gt=0)
+    """Ranks that split each sample's sequence (DeepSpeed-Ulysses): every group of this many consecutive ranks reads the same samples, each rank runs 1/N of the tokens, and attention exchanges heads with an all-to-all; the data-parallel size is world / N. Needs world size, sequence length, n_heads and kv_heads divisible by N; not with offload, compile, hpZ or harness tasks (1: off)."""
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     """ZeRO communication and memory tuning (bucket sizes, ZeRO-3 prefetch, hpZ, gradient dtype)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -152,7 +154,23 @@ class TrainConfig(Section):
         if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
             raise ValueError("train.nvme_path must be set when offloading to nvme")
         self._check_zero()
+        self._check_sequence_parallel()
         return self
+
+    def _check_sequence_parallel(self) -> None:
+        """Combinations with sequence parallelism that were not verified are refused, with the reason."""
+        if self.sequence_parallel == 1:
+            return
+        sp = f"train.sequence_parallel={self.sequence_parallel}"
+        if self.offload_optimizer != "none" or self.offload_params != "none":
+            raise ValueError(f"{sp} is not supported with ZeRO-Offload (not verified): set "
+                             "train.offload_optimizer=none and train.offload_params=none")
+        if self.compile:
+            raise ValueError(f"{sp} is not supported with train.compile=true (the all-to-all inside the "
+                             "compiled blocks was not verified): set train.compile=false")
+        if self.zero.zero_hpz_partition_size > 1:
+            raise ValueError(f"{sp} is not supported with train.zero.zero_hpz_partition_size > 1 (hpZ's "
+                             "secondary partition over sequence-parallel ranks was not verified): set it to 1")
 
     def _check_zero(self) -> None:
         for name in self.zero.changed():
@@ -243,6 +261,10 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_harness(self) -> PretrainConfig:
+        if self.harness.tasks and self.train.sequence_parallel > 1:
+            raise ValueError(
+                "harness.tasks needs train.sequence_parallel=1: the harness scores whole sequences on each "
+                "rank; evaluate a saved checkpoint with launcher/evaluate.py instead")
         if self.harness.tasks and self.train.zero_stage == 3:
             raise ValueError(
                 "harness.tasks needs train.zero_stage 0, 1 or 2: under ZeRO-3 each rank holds only a "

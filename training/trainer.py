@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from crucible.config import Section, config_to_dict, describe_value
-from crucible.errors import UserError
+from crucible.errors import ConfigError, UserError
 from crucible.provenance import write_provenance
 from crucible.runtime import setup_logging
 from model.flops import flops_per_token
@@ -58,6 +58,7 @@ from training.engine import (
 from training.faults import BadStepPolicy, PreemptionFlag
 from training.metrics import StartupClock, device_peak_tflops, mfu, peak_memory_gb
 from training.optim import all_finite
+from training.parallel import data_parallel_size
 from training.schedule import ConfiguredSchedule, LRSchedule, configured_schedule
 from training.steps.base import StepModule
 
@@ -196,7 +197,12 @@ class Trainer:
         self.preempt = PreemptionFlag().install()
         self.bad_steps = BadStepPolicy(cfg.train.max_bad_steps)
         self.stop_requested = False
-        self.plan = resolve_batch(cfg.train, ctx.world_size)
+        sp = cfg.train.sequence_parallel
+        if sp > 1 and not getattr(step_module, "supports_sequence_parallel", False):
+            raise ConfigError(f"train.sequence_parallel={sp} applies to language-model pretraining only; "
+                              f"{type(step_module).__name__} runs whole sequences: set train.sequence_parallel=1")
+        dp_size = data_parallel_size(ctx.world_size, sp)  # the SP ranks of a group read the same samples
+        self.plan = resolve_batch(cfg.train, dp_size)
         self.data = step_module.prepare(self.plan)
         if schedule is None:  # LR segments of data phases start where the loader switches mix
             self.schedule = configured_schedule(cfg, self.plan.global_batch_size * step_module.seq_len)
@@ -204,9 +210,13 @@ class Trainer:
         self.last_saved: Path | None = None  # the checkpoint this process saved last
         self.startup.mark("data and resume plan")
         if self.resume_from is not None:
-            ckpt.check_compatible(ckpt.read_trainer_state(self.resume_from.path),
-                                  config_to_dict(step_module.model_cfg), step_module.tokenizer_sha256)
-        self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, ctx.world_size, load_universal=universal,
+            saved_state = ckpt.read_trainer_state(self.resume_from.path)
+            ckpt.check_compatible(saved_state, config_to_dict(step_module.model_cfg), step_module.tokenizer_sha256)
+            if saved_state.get("sequence_parallel", 1) != sp:
+                raise ConfigError(f"checkpoint {self.resume_from.path} was saved with train.sequence_parallel="
+                                  f"{saved_state.get('sequence_parallel', 1)} and this run sets {sp}: resume with "
+                                  "the same sequence_parallel (changing it is not supported)")
+        self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, dp_size, load_universal=universal,
                                                 ranks_per_node=ranks_per_node(ctx.world_size))
         if ctx.rank == 0:
             write_run_files(self.run_dir, step_module.run_config, self.ds_config, step_module.tokenizer_dir)
@@ -297,6 +307,7 @@ class Trainer:
             "skipped_samples": self.state.skipped_samples,
             "loader": self.data.state_dict(),
             "world_size": self.ctx.world_size,
+            "sequence_parallel": self.cfg.train.sequence_parallel,
             "zero_stage": self.cfg.train.zero_stage,
             "config": config_to_dict(self.step_module.run_config),
             **self.step_module.client_state(),
