@@ -474,7 +474,7 @@ def test_readme_recipe_table_matches_the_recipe_files():
         model_cell, zero, precision, batch, planned, memory = table[path.name]
         cfg = load_config(PretrainConfig, path)
         train, where = cfg.train, path.name
-        assert model_cell == cfg.model.preset, where
+        assert model_cell.split()[0] == (cfg.model.preset or "custom"), where
         assert zero.split()[0] == str(train.zero_stage), where
         assert ("offload" in zero) == (train.offload_optimizer != "none"), where
         assert precision == train.precision, where
@@ -490,7 +490,7 @@ def test_readme_recipe_table_matches_the_recipe_files():
             assert rest.startswith("shards' seq_len"), where
             assert f"({train.micro_batch_size} per rank)" in rest, where
         if train.device == "cpu":
-            assert planned == f"{world} CPU ranks", where
+            assert planned == f"{world} CPU rank{'s' if world > 1 else ''}", where
         elif world == 1:
             assert planned.startswith("1 GPU"), where
         else:
