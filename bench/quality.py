@@ -33,7 +33,9 @@ Same for both: model shape, initialisation std, batch (``--batch-size`` sequence
 (linear warm-up over ``--warmup-steps``, then constant: the number of steps is not known in
 advance at a fixed wall time, so no decay on either side), AdamW betas (0.9, 0.95), eps 1e-8,
 weight decay 0.1, gradient clipping 1.0, fp32, threads (``OMP_NUM_THREADS`` and
-``torch.set_num_threads``). Differences: Crucible trains on its cleaned corpus and may compile
+``torch.set_num_threads``). By default both sides run at the same time, one thread each, over the
+same wall-clock interval: whatever else loads the machine loads both alike (``--no-together``:
+the peer first, then Crucible, two threads each, which needs an otherwise idle machine). Differences: Crucible trains on its cleaned corpus and may compile
 its blocks (``--compile``, on by default as in the GPU recipes; the compilation, or loading it
 from inductor's cache, counts against its budget), the Trainer runs eager unless
 ``--peer-compile``; weight decay groups are each side's own (ours: weight matrices only; the
@@ -88,10 +90,10 @@ def build_corpus(out: Path, args: argparse.Namespace) -> tuple[list[dict], dict[
     """Raw documents of the sample: training ones written to ``out/<source>/train.jsonl``;
     returns the held-out documents ({"source", "text"}) and training documents per source."""
     from crucible.config import load_config
+    from data_pipeline.clean.config import SourceConfig
     from data_pipeline.clean.documents import Document
     from data_pipeline.clean.extract import extract_html
     from data_pipeline.clean.readers.inputs import expand_inputs, source_config
-    from data_pipeline.clean.config import SourceConfig
     from data_pipeline.clean.readers.registry import read_input
     from data_pipeline.config import DataPrepConfig
 
@@ -433,8 +435,9 @@ def score_peer(peer_dir: Path, docs: list[dict], args: argparse.Namespace) -> di
 
 def report(args: argparse.Namespace, corpus_s: float, counts: dict[str, int], heldout: list[dict],
            ours: dict, peer: dict, s_ours: dict, s_peer: dict) -> None:
+    together = "both sides at the same time" if args.together else "one side after the other"
     print(f"\n== quality at equal wall time: budget {args.budget_seconds:.0f} s per side (every stage and "
-          f"process start-up), {args.threads} thread(s), {PRESET}, batch {args.batch_size} x "
+          f"process start-up; {together}), {args.threads} thread(s) each, {PRESET}, batch {args.batch_size} x "
           f"{args.seq_len + 1} tokens, lr {args.lr} (warm-up {args.warmup_steps} steps, then constant)")
     print(f"corpus (common, not counted): {corpus_s:.1f} s; training documents "
           f"{', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; held out {len(heldout)} documents "
@@ -476,7 +479,11 @@ def main() -> None:
     parser.add_argument("--finish-reserve", type=float, default=8.0,
                         help="seconds before the end of the budget at which each side stops training, for "
                              "what follows (ours: save + consolidate; the peer: save_pretrained)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of each side (default: 1 when the sides run together, 2 one after the other)")
+    parser.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
+                        help="run both sides at the same time, one thread each (default), so that whatever else "
+                             "loads the machine loads both alike; --no-together: the peer first, then Crucible")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (both sides)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cpu_demo.yaml's)")
     parser.add_argument("--warmup-steps", type=int, default=20)
@@ -503,6 +510,8 @@ def main() -> None:
     parser.add_argument("--peer-corpus", help=argparse.SUPPRESS)
     parser.add_argument("--peer-deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is None:
+        args.threads = 1 if args.together else 2
     if args.peer_out:
         peer_main(args)
         return
@@ -519,9 +528,28 @@ def main() -> None:
     corpus_s = time.monotonic() - start
     print(f"corpus: {sum(counts.values())} training and {len(heldout)} held-out documents ({corpus_s:.1f} s)",
           flush=True)
-    peer = run_peer(work / "peer", work / "corpus", args)
+    if args.together:  # both budgets run over the same wall-clock interval
+        import threading
+
+        result: dict[str, object] = {}
+
+        def peer_side() -> None:
+            try:
+                result["peer"] = run_peer(work / "peer", work / "corpus", args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                result["error"] = exc
+
+        thread = threading.Thread(target=peer_side)
+        thread.start()
+        ours = run_ours(work / "ours", work / "corpus", args)
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        peer = result["peer"]
+    else:
+        peer = run_peer(work / "peer", work / "corpus", args)
+        ours = run_ours(work / "ours", work / "corpus", args)
     print(f"peer: {peer['steps']} steps in {peer['total']:.1f} s", flush=True)
-    ours = run_ours(work / "ours", work / "corpus", args)
     print(f"ours: {ours['steps']} steps in {ours['total']:.1f} s", flush=True)
     s_peer = score_peer(work / "peer", heldout, args)
     s_ours = score_ours(Path(ours["run_dir"]), heldout, args)
