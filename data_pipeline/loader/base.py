@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import torch
 
 from crucible.errors import DataError
 from data_pipeline.loader.config import LoaderConfig
@@ -91,3 +94,33 @@ class LoaderBase:
         """Samples of this rank replaced because their shard was unusable
         (``data.on_corrupt_shard=skip``), in the batches handed out so far by this process."""
         return int(self.stats["skipped_samples"])
+
+
+class ResumableStream:
+    """The iteration protocol of a training stream: one live generator of batches
+    (:meth:`_generate`, from the stream's own state); ``iter()`` restarts it from that state, and
+    :meth:`close` ends it at once (its open shards and DataLoader workers go with it)."""
+
+    _iterator: Iterator[torch.Tensor] | None = None
+
+    def _generate(self) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._close_iterator()
+        self._iterator = self._generate()
+        return self._iterator
+
+    def __next__(self) -> torch.Tensor:
+        if self._iterator is None:
+            self._iterator = self._generate()
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """End the live iterator (iterating again starts from ``state_dict()``)."""
+        self._close_iterator()
+
+    def _close_iterator(self) -> None:
+        if self._iterator is not None:
+            self._iterator.close()  # type: ignore[attr-defined]
+            self._iterator = None

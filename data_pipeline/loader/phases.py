@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from crucible.errors import ConfigError, DataError
+from data_pipeline.loader.base import ResumableStream
 from data_pipeline.loader.config import LoaderConfig
 from data_pipeline.loader.train import STATE_FORMAT, TrainLoader
 
@@ -70,7 +71,7 @@ def phase_config(cfg: LoaderConfig, phase: int) -> LoaderConfig:
                                   "seed": phase_seed(cfg.seed, phase), "phases": []})
 
 
-class PhasedTrainLoader:
+class PhasedTrainLoader(ResumableStream):
     """The training stream of one rank over data phases: the loader of phase ``k`` hands out the
     batches of steps ``[s_k, s_{k+1})``. The same interface as :class:`TrainLoader` (iteration,
     ``state_dict``/``load_state_dict``, counters); seq_len and tokenizer are phase 0's, which
@@ -137,16 +138,6 @@ class PhasedTrainLoader:
         return self.start_samples[self.phase] + self.loaders[self.phase].consumed_samples
 
     # -- iteration
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        self._close_iterator()
-        self._iterator = self._generate()
-        return self._iterator
-
-    def __next__(self) -> torch.Tensor:
-        if self._iterator is None:
-            self._iterator = self._generate()
-        return next(self._iterator)
-
     def _generate(self) -> Iterator[torch.Tensor]:
         while True:
             while self.phase + 1 < len(self.loaders) and self.consumed_samples >= self.start_samples[self.phase + 1]:
@@ -159,15 +150,6 @@ class PhasedTrainLoader:
                     yield next(batches)
             finally:
                 loader.close()  # its readers and DataLoader workers go at the switch
-
-    def close(self) -> None:
-        """End the live iterator (iterating again starts from ``state_dict()``)."""
-        self._close_iterator()
-
-    def _close_iterator(self) -> None:
-        if self._iterator is not None:
-            self._iterator.close()  # type: ignore[attr-defined]
-            self._iterator = None
 
     # -- state
     def state_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from crucible.errors import DataError
-from data_pipeline.loader.base import LoaderBase, Source
+from data_pipeline.loader.base import LoaderBase, ResumableStream, Source
 from data_pipeline.loader.config import LoaderConfig
 from data_pipeline.loader.order import EpochOrder, Schedule
 from data_pipeline.loader.reading import (
@@ -159,7 +159,7 @@ def _generate(plan: _Plan, schedule: Schedule, stats: dict) -> Iterator[torch.Te
             del batches
 
 
-class TrainLoader(LoaderBase):
+class TrainLoader(ResumableStream, LoaderBase):
     """Infinite stream of ``(micro_batch_size, seq_len + 1)`` LongTensors for one rank.
 
     Iterate it (``for batch in loader`` or ``next(loader)``); only one iterator is live at a
@@ -173,29 +173,8 @@ class TrainLoader(LoaderBase):
         self._plan = _Plan(self.sources, cfg, rank, micro_batch_size, world_size)
         self._iterator: Iterator[torch.Tensor] | None = None
 
-    # -- iteration
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        self._close_iterator()
-        self._iterator = self._generate()
-        return self._iterator
-
-    def __next__(self) -> torch.Tensor:
-        if self._iterator is None:
-            self._iterator = self._generate()
-        return next(self._iterator)
-
     def _generate(self) -> Iterator[torch.Tensor]:
         return _generate(self._plan, self._schedule, self.stats)
-
-    def close(self) -> None:
-        """End the live iterator: its open shards and DataLoader workers go at once (iterating
-        again starts from ``state_dict()``)."""
-        self._close_iterator()
-
-    def _close_iterator(self) -> None:
-        if self._iterator is not None:
-            self._iterator.close()  # type: ignore[attr-defined]
-            self._iterator = None
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
