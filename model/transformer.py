@@ -132,21 +132,6 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies ``1 / theta^(2i/head_dim)`` (fp32), computed as Hugging Face does."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    return 1.0 / (theta ** exponent)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape ``positions.shape + (head_dim,)``, halves repeated (as Hugging
-    Face's ``LlamaRotaryEmbedding``)."""
-    freqs = positions[..., None].float() * inv_freq  # (..., T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """``sin`` with its first half negated, so that ``rotate_half(x) * sin`` becomes
     ``swap_halves(x) * signed_sin(sin)``: the same products (negation is exact)."""

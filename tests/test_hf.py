@@ -121,11 +121,12 @@ def test_rope_uses_hf_rotate_half_layout():
     """Our rotation pairs dims (i, i + D/2), so q/k rows need no permutation on conversion."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from model.transformer import apply_rope, rope_cos_sin, rope_inv_freq, rotate_half, signed_sin
+    from model.rope import default_inv_freq, rope_cos_sin
+    from model.transformer import apply_rope, rotate_half, signed_sin
 
     q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16)
     positions = torch.arange(10)
-    cos, sin = rope_cos_sin(rope_inv_freq(16, 777.0), positions, torch.float32)
+    cos, sin = rope_cos_sin(default_inv_freq(16, 777.0), positions, torch.float32)
     hq, hk = apply_rotary_pos_emb(q, k, cos[None], sin[None])
     ssin = signed_sin(sin)
     assert torch.equal(apply_rope(q, cos, ssin), hq) and torch.equal(apply_rope(k, cos, ssin), hk)
