@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 
-def sum_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The element-wise sum of ``values`` over all ranks, as a tensor on ``device``."""
+def sum_over_ranks(values: torch.Tensor, device: torch.device, group: Any = None) -> torch.Tensor:
+    """The element-wise sum of ``values`` over all ranks (or the ranks of ``group``, e.g. a
+    sequence-parallel group), as a tensor on ``device``."""
     out = values.detach().to(device, copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
 
 

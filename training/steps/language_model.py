@@ -335,10 +335,7 @@ class LanguageModelStep(StepModule):
         """``value`` summed over this rank's sequence-parallel group (itself without one)."""
         if self.sp_group is None:
             return value
-        import torch.distributed as dist
-
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.sp_group)
-        return value
+        return sum_over_ranks(value, value.device, group=self.sp_group)
 
     def evaluate(self) -> dict[str, float] | None:
         """Validation during training (``val/...``, see :func:`validation_metrics`) on a fixed
