@@ -144,6 +144,10 @@ def test_killing_the_deepspeed_command_stops_every_rank_after_a_checkpoint(prepa
     assert stopped < 20
     latest = json.loads((run_dir / "latest.json").read_text())
     assert latest["step"] == stopped and (run_dir / latest["checkpoint"] / "COMPLETE.json").is_file()
-    for rank in (0, 1):
-        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
-        assert f"the deepspeed command (pid {proc.pid}) exited: stopping as on SIGTERM" in text, text[-2000:]
+    # each rank polls its launcher once a second; the first to notice stops every rank through the
+    # step's preemption flag (max over ranks), so the others may stop before their own poll sees it
+    logs = [(run_dir / "logs" / f"rank{rank}.log").read_text() for rank in (0, 1)]
+    noticed = f"the deepspeed command (pid {proc.pid}) exited: stopping as on SIGTERM"
+    assert any(noticed in text for text in logs), logs[0][-2000:]
+    for text in logs:
+        assert f"preemption signal: saving a checkpoint at step {stopped} and exiting" in text, text[-2000:]
