@@ -117,6 +117,10 @@ class TrainConfig(Section):
     """DeepSpeed ZeRO stage."""
     sequence_parallel: int = Field(1, gt=0)
     """Ranks that split each sample's sequence (DeepSpeed-Ulysses): every group of this many consecutive ranks reads the same samples, each rank runs 1/N of the tokens, and attention exchanges heads with an all-to-all; the data-parallel size is world / N. Needs world size, sequence length, n_heads and kv_heads divisible by N; not with offload, compile, hpZ or harness tasks (1: off)."""
+    pipeline_stages: int = Field(1, gt=0)
+    """Pipeline parallelism (DeepSpeed's PipelineModule): the model's layers (embedding, blocks, final norm and head) split into this many stages on consecutive groups of world / P ranks, micro batches flowing through them (1F1B); the data-parallel size is world / P. ZeRO 0 or 1 only (DeepSpeed refuses 2 and 3 with a pipeline); not with sequence or tensor parallelism, offload, compile or harness tasks (1: off)."""
+    tensor_parallel: int = Field(1, gt=0)
+    """Tensor parallelism (DeepSpeed AutoTP training): every group of this many consecutive ranks splits each block's attention and MLP weights (q/k/v, gate and up by output rows, o and down by input columns) and reads the same samples; the data-parallel size is world / T. Needs n_heads and kv_heads divisible by T; ZeRO 0, 1 or 2; not with sequence or pipeline parallelism, offload, compile or harness tasks (1: off)."""
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     """ZeRO communication and memory tuning (bucket sizes, ZeRO-3 prefetch, hpZ, gradient dtype)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -155,7 +159,42 @@ class TrainConfig(Section):
             raise ValueError("train.nvme_path must be set when offloading to nvme")
         self._check_zero()
         self._check_sequence_parallel()
+        self._check_model_parallel()
         return self
+
+    def _check_model_parallel(self) -> None:
+        """Pipeline and tensor parallelism: the combinations DeepSpeed 0.19 cannot run are refused
+        with its reason; those this project has not verified, with that reason."""
+        pp, tp, sp = self.pipeline_stages, self.tensor_parallel, self.sequence_parallel
+        kinds = [f"train.{name}={value}" for name, value in
+                 (("sequence_parallel", sp), ("pipeline_stages", pp), ("tensor_parallel", tp)) if value > 1]
+        if len(kinds) > 1:
+            raise ValueError(
+                f"{' with '.join(kinds)} is not supported: DeepSpeed's pipeline engine takes its own process "
+                "grid as the only model-parallel unit, AutoTP installs another, and Ulysses needs its "
+                "sequence-parallel unit, so no two of them compose in DeepSpeed 0.19; keep one of them > 1 "
+                "(each composes with data parallelism)")
+        for name, value in (("pipeline_stages", pp), ("tensor_parallel", tp)):
+            if value == 1:
+                continue
+            key = f"train.{name}={value}"
+            if self.offload_optimizer != "none" or self.offload_params != "none":
+                raise ValueError(f"{key} is not supported with ZeRO-Offload (not verified): set "
+                                 "train.offload_optimizer=none and train.offload_params=none")
+            if self.compile:
+                raise ValueError(f"{key} is not supported with train.compile=true (not verified): set "
+                                 "train.compile=false")
+            if self.zero.zero_hpz_partition_size > 1:
+                raise ValueError(f"{key} is not supported with train.zero.zero_hpz_partition_size > 1 (not "
+                                 "verified): set it to 1")
+        if pp > 1 and self.zero_stage > 1:
+            raise ValueError(f"train.pipeline_stages={pp} needs train.zero_stage 0 or 1 (got {self.zero_stage}): "
+                             "DeepSpeed's pipeline engine refuses ZeRO-2 and ZeRO-3, which partition gradients "
+                             "that the pipeline accumulates over micro batches")
+        if tp > 1 and self.zero_stage == 3:
+            raise ValueError(f"train.tensor_parallel={tp} needs train.zero_stage 0, 1 or 2 (got 3): AutoTP with "
+                             "ZeRO-3 was not verified; use ZeRO-1/2 with tensor parallelism (its weights are "
+                             "already split T ways)")
 
     def _check_sequence_parallel(self) -> None:
         """Combinations with sequence parallelism that were not verified are refused, with the reason."""
@@ -261,10 +300,12 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_harness(self) -> PretrainConfig:
-        if self.harness.tasks and self.train.sequence_parallel > 1:
-            raise ValueError(
-                "harness.tasks needs train.sequence_parallel=1: the harness scores whole sequences on each "
-                "rank; evaluate a saved checkpoint with launcher/evaluate.py instead")
+        train = self.train
+        for name in ("sequence_parallel", "pipeline_stages", "tensor_parallel"):
+            if self.harness.tasks and getattr(train, name) > 1:
+                raise ValueError(
+                    f"harness.tasks needs train.{name}=1: the harness scores whole sequences with the whole "
+                    "model on each rank; evaluate a saved checkpoint with launcher/evaluate.py instead")
         if self.harness.tasks and self.train.zero_stage == 3:
             raise ValueError(
                 "harness.tasks needs train.zero_stage 0, 1 or 2: under ZeRO-3 each rank holds only a "

@@ -31,7 +31,7 @@ from training.deepspeed_config import (
     planned_world_size,
 )
 from training.init_model import find_init_source, init_model_config
-from training.parallel import check_sequence_parallel, data_parallel_size, describe_groups
+from training.parallel import check_model_parallel, check_sequence_parallel, data_parallel_size, describe_groups
 from training.steps.language_model import model_config_for, require_manifests
 
 
@@ -168,9 +168,10 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
     if write_gbps <= 0:
         raise ConfigError(f"--write-gbps must be positive (GB/s per rank), got {write_gbps}")
     world, why = plan_world_size(cfg, world_size)
-    sp = cfg.train.sequence_parallel
+    train = cfg.train
+    sp, pp, tp = train.sequence_parallel, train.pipeline_stages, train.tensor_parallel
     try:
-        dp = data_parallel_size(world, sp)  # the ranks of a sequence-parallel group read the same samples
+        dp = data_parallel_size(world, sp, pp, tp)  # the ranks of a model-parallel group read the same samples
         # planned as nodes of 8 GPUs, as the memory plans below
         ds_config = build_deepspeed_config(cfg.train, cfg.optim, dp, ranks_per_node=min(world, 8))
     except ConfigError as exc:
@@ -211,6 +212,7 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
     planned_len = data.seq_len if data is not None else model_cfg.max_seq_len
     try:
         check_sequence_parallel(sp, planned_len, model_cfg.n_heads, model_cfg.kv_heads)
+        check_model_parallel(train, model_cfg.n_layers, model_cfg.n_heads, model_cfg.kv_heads, model_cfg.hidden_dim)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (--dry-run, sequence length {planned_len})") from None
     if env_rank() != 0:
@@ -238,8 +240,10 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
               f"samples ({data.train_tokens:,} tokens); {cfg.train.max_steps:,} steps x {per_step} sequences "
               f"= {epochs:.2f} epochs")
     print(f"parallel groups on {world} rank(s) ({why}):")
-    print("\n".join(describe_groups(world, sp)))
-    print(f"deepspeed config (data-parallel size {dp}" + (f" = {world} ranks / sequence_parallel {sp}" if sp > 1 else
+    print("\n".join(describe_groups(world, sp, pp, tp)))
+    mp = next(((k, v) for k, v in (("sequence_parallel", sp), ("pipeline_stages", pp), ("tensor_parallel", tp))
+               if v > 1), None)
+    print(f"deepspeed config (data-parallel size {dp}" + (f" = {world} ranks / {mp[0]} {mp[1]}" if mp else
                                                           f", from {why}") + "):")
     print(json.dumps(ds_config, indent=2, sort_keys=True))
     print("model-state memory from DeepSpeed's estimators (weights, gradients, optimizer; "

@@ -58,7 +58,7 @@ from training.engine import (
 from training.faults import BadStepPolicy, PreemptionFlag
 from training.metrics import StartupClock, device_peak_tflops, mfu, peak_memory_gb
 from training.optim import all_finite
-from training.parallel import data_parallel_size
+from training.parallel import MODEL_PARALLEL_KEYS, Layout
 from training.schedule import ConfiguredSchedule, LRSchedule, configured_schedule
 from training.steps.base import StepModule
 
@@ -197,11 +197,14 @@ class Trainer:
         self.preempt = PreemptionFlag().install()
         self.bad_steps = BadStepPolicy(cfg.train.max_bad_steps)
         self.stop_requested = False
-        sp = cfg.train.sequence_parallel
-        if sp > 1 and not getattr(step_module, "supports_sequence_parallel", False):
-            raise ConfigError(f"train.sequence_parallel={sp} applies to language-model pretraining only; "
-                              f"{type(step_module).__name__} runs whole sequences: set train.sequence_parallel=1")
-        dp_size = data_parallel_size(ctx.world_size, sp)  # the SP ranks of a group read the same samples
+        for name in MODEL_PARALLEL_KEYS:
+            size = getattr(cfg.train, name)
+            if size > 1 and name not in getattr(step_module, "supports_model_parallel", ()):
+                raise ConfigError(f"train.{name}={size} applies to language-model pretraining only; "
+                                  f"{type(step_module).__name__} runs the whole model on whole sequences: set "
+                                  f"train.{name}=1")
+        # the ranks of a sequence-, pipeline- or tensor-parallel group read the same samples
+        dp_size = Layout.of(ctx.rank, ctx.world_size, cfg.train).data_parallel_size
         self.plan = resolve_batch(cfg.train, dp_size)
         self.data = step_module.prepare(self.plan)
         if schedule is None:  # LR segments of data phases start where the loader switches mix
@@ -212,10 +215,12 @@ class Trainer:
         if self.resume_from is not None:
             saved_state = ckpt.read_trainer_state(self.resume_from.path)
             ckpt.check_compatible(saved_state, config_to_dict(step_module.model_cfg), step_module.tokenizer_sha256)
-            if saved_state.get("sequence_parallel", 1) != sp:
-                raise ConfigError(f"checkpoint {self.resume_from.path} was saved with train.sequence_parallel="
-                                  f"{saved_state.get('sequence_parallel', 1)} and this run sets {sp}: resume with "
-                                  "the same sequence_parallel (changing it is not supported)")
+            for name in MODEL_PARALLEL_KEYS:
+                saved, now = saved_state.get(name, 1), getattr(cfg.train, name)
+                if saved != now:
+                    raise ConfigError(f"checkpoint {self.resume_from.path} was saved with train.{name}={saved} "
+                                      f"and this run sets {now}: resume with the same {name} (changing it is "
+                                      "not supported)")
         self.ds_config = build_deepspeed_config(cfg.train, cfg.optim, dp_size, load_universal=universal,
                                                 ranks_per_node=ranks_per_node(ctx.world_size))
         if ctx.rank == 0:
@@ -307,7 +312,7 @@ class Trainer:
             "skipped_samples": self.state.skipped_samples,
             "loader": self.data.state_dict(),
             "world_size": self.ctx.world_size,
-            "sequence_parallel": self.cfg.train.sequence_parallel,
+            **{name: getattr(self.cfg.train, name) for name in MODEL_PARALLEL_KEYS},
             "zero_stage": self.cfg.train.zero_stage,
             "config": config_to_dict(self.step_module.run_config),
             **self.step_module.client_state(),

@@ -42,8 +42,8 @@ from training.metrics import model_state_bytes
 from training.optim import build_optimizer, param_groups
 from training.parallel import (
     Layout,
+    check_model_parallel,
     check_sequence_parallel,
-    data_parallel_size,
     initialize_sequence_parallel,
 )
 from training.steps.base import StepModule, StepOutput
@@ -210,8 +210,9 @@ class LanguageModelStep(StepModule):
     With ``init_from`` the model is the source's architecture with its weights at a fresh start
     (see :mod:`training.init_model`); a resumed run loads its own checkpoint instead."""
 
-    supports_sequence_parallel = True
-    """``train.sequence_parallel`` > 1 splits each sample's sequence (see :mod:`training.parallel`)."""
+    supports_model_parallel: tuple[str, ...] = ("sequence_parallel", "tensor_parallel")
+    """``train.sequence_parallel`` > 1 splits each sample's sequence, ``train.tensor_parallel`` > 1
+    each block's weights (see :mod:`training.parallel`); pipelines run in :mod:`training.steps.pipeline`."""
 
     resuming: bool = False
     """Set by the loop before :meth:`build_engine`: a checkpoint of this run will be loaded, so
@@ -220,8 +221,7 @@ class LanguageModelStep(StepModule):
     def __init__(self, cfg: PretrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         sp = cfg.train.sequence_parallel
-        data_parallel_size(ctx.world_size, sp)  # divides, or a ConfigError
-        self.layout = Layout(ctx.rank, ctx.world_size, sp)
+        self.layout = Layout.of(ctx.rank, ctx.world_size, cfg.train)  # divides, or a ConfigError
         self.sp_group: Any = None
         self.backward_scale = sequence_parallel_backward_scale(cfg.train.zero_stage, sp)
         self.run_dir = Path(cfg.run_dir)
@@ -260,7 +260,9 @@ class LanguageModelStep(StepModule):
         self.model_cfg = model_config_for(recipe, vocab_size, self.seq_len,
                                           eos_id=None if eos_id is None else int(eos_id))
         self.run_config = self.cfg.model_copy(update={"model": self.model_cfg})
-        check_sequence_parallel(layout.sequence_parallel, self.seq_len, self.model_cfg.n_heads, self.model_cfg.kv_heads)
+        mc = self.model_cfg
+        check_sequence_parallel(layout.sequence_parallel, self.seq_len, mc.n_heads, mc.kv_heads)
+        check_model_parallel(self.cfg.train, mc.n_layers, mc.n_heads, mc.kv_heads, mc.hidden_dim)
         train = self.cfg.train
         # the recipe's planned ranks, whatever the layout: the same sequences with or without sequence parallelism
         self.eval_samples = train.eval_batches * plan.micro_batch_size * (train.planned_world_size
@@ -328,7 +330,7 @@ class LanguageModelStep(StepModule):
                 self.model_state_gb = extra["memory/model_state_gb"] = model_state_bytes(self.engine) / 1024**3
             self.engine.step()
             loss_sum += self._group_sum(loss.detach().double())
-        tokens = sum(t.shape[0] * (t.shape[1] - 1) for t in batch) // self.layout.sequence_parallel
+        tokens = sum(t.shape[0] * (t.shape[1] - 1) for t in batch) // self.layout.model_parallel  # counted once per group
         return StepOutput(loss_sum, float(len(batch)), tokens, extra)
 
     def _group_sum(self, value: torch.Tensor) -> torch.Tensor:
