@@ -50,3 +50,22 @@ def tiny_model_dir(tmp_path_factory):
     cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
     save_model_dir(out, Transformer(cfg).state_dict(), cfg, tokenizer_dir=tok_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def mp_manifest(tmp_path_factory) -> Path:
+    """The token shards of the pipeline- and tensor-parallel tests (tests/model_parallel.py)."""
+    from tests.datasets import make_token_dataset
+
+    return make_token_dataset(tmp_path_factory.mktemp("mp-tokens"))
+
+
+@pytest.fixture(scope="session")
+def mp_reference(tmp_path_factory, mp_manifest) -> Path:
+    """The 1-rank run every model-parallel layout is compared with (tests/model_parallel.py)."""
+    from tests.model_parallel import STEPS, by_step, launch, records
+
+    run_dir = tmp_path_factory.mktemp("mp-reference") / "single"
+    launch(run_dir, mp_manifest, num_gpus=1).check()
+    assert sorted(by_step(records(run_dir), "train/loss")) == list(range(1, STEPS + 1))
+    return run_dir

@@ -1,0 +1,51 @@
+"""Shared by the pipeline- and tensor-parallel tests: one token dataset, one launch recipe and
+one 1-rank reference run (session fixtures in tests/conftest.py), so each layout is compared with
+the same 10 steps and the reference is paid once.
+
+The recipe: the tiny preset (2 blocks, 4 heads, 2 key/value heads), ZeRO-1, global batch 8
+(micro batch 4 x 2 accumulation steps on one data-parallel rank), 10 steps, a checkpoint every 5,
+validation at steps 5 and 10, logged every step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.harness import ROOT, LaunchResult, run_deepspeed
+
+LAUNCHER = ROOT / "launcher" / "pretrain.py"
+RECIPE = "configs/pretrain/cpu_tiny.yaml"
+STEPS = 10
+GLOBAL_BATCH = 8
+
+
+def launch(run_dir: Path, manifest: Path, *overrides: str, num_gpus: int = 1,
+           env: dict[str, str] | None = None, timeout: float = 300) -> LaunchResult:
+    """``deepspeed --num_gpus N launcher/pretrain.py`` with the shared recipe and ``overrides``."""
+    args = ["--config", RECIPE, f"run_dir={run_dir}", f"data.manifests=[{manifest}]", f"train.max_steps={STEPS}",
+            "train.micro_batch_size=4", "train.grad_accum_steps=null", f"train.global_batch_size={GLOBAL_BATCH}",
+            "train.zero_stage=1", "schedule.warmup_steps=2", "checkpoint.every=5", "checkpoint.keep_last=3",
+            "checkpoint.write_model_dir=end", "log.every=1", "train.eval_every=5", "train.eval_batches=1",
+            "train.eval_full_at_end=false", *overrides]
+    return run_deepspeed(LAUNCHER, args, num_gpus=num_gpus, timeout=timeout, env=env,
+                         log_dir=run_dir.parent / f"{run_dir.name}-launch-logs")
+
+
+def records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def by_step(recs: list[dict], key: str) -> dict[int, dict]:
+    return {rec["step"]: rec for rec in recs if key in rec}
+
+
+def worst_relative(got: dict[int, dict], want: dict[int, dict], keys: tuple[str, ...] = ("train/loss", "train/grad_norm")
+                   ) -> dict[str, float]:
+    """The largest relative difference of each key over the steps both runs logged."""
+    worst = dict.fromkeys(keys, 0.0)
+    for step in sorted(set(got) & set(want)):
+        for key in keys:
+            worst[key] = max(worst[key], abs(got[step][key] / want[step][key] - 1))
+    return worst
