@@ -70,6 +70,9 @@ class Linear(nn.Module):
         self.std = std
         self.tied = weight is not None
         self.weight = weight if weight is not None else nn.Parameter(torch.empty(out_features, in_features))
+        # no bias; registered as None (absent from the state dict) because DeepSpeed's AutoTP
+        # layers read ``module.bias`` when they shard this layer (train.tensor_parallel)
+        self.register_parameter("bias", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -215,15 +218,17 @@ class Attention(nn.Module):
         """Without ``cache``: causal attention, or restricted by a document ``mask``
         (:func:`model.attention.build_document_mask`). With ``cache``: ``mask`` is the boolean
         (B, 1, T, cache length) mask of the cached keys each query may see."""
+        # head counts come from the projections' widths, not n_heads/n_kv_heads: under tensor
+        # parallelism (DeepSpeed AutoTP) wq/wk/wv hold this rank's n_heads/T and kv_heads/T heads
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # rotated at their own positions
-        gqa = self.n_kv_heads != self.n_heads
+        gqa = k.shape[1] != q.shape[1]
         if cache is None and self.sequence_parallel is not None:
             out = self.sequence_parallel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, mask)
-            return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))  # out: (B, T, H, D)
+            return self.wo(out.reshape(B, T, -1))  # out: (B, T, H, D)
         if cache is None:
             out = attend(q, k, v, mask, gqa)  # (B, H, T, D)
         else:
@@ -232,10 +237,10 @@ class Attention(nn.Module):
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
             if gqa:  # masked GQA is not supported by every sdpa kernel: expand the heads
-                rep = self.n_heads // self.n_kv_heads
+                rep = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.wo(out)
 
 
