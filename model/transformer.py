@@ -97,11 +97,17 @@ class OutputHead(Linear):
         by ``total_tokens``, the token count of the whole micro batch, instead of their mean."""
         if targets is None:
             return F.linear(x, self.weight)  # (B, T, V)
-        if chunk_tokens:
-            loss = chunked_cross_entropy(x, self.weight, targets, chunk_tokens)
-        else:
-            loss = F.cross_entropy(F.linear(x, self.weight).float().flatten(0, -2), targets.flatten())
+        loss = next_token_loss(x, self.weight, targets, chunk_tokens)
         return loss if total_tokens is None else loss * (targets.numel() / total_tokens)
+
+
+def next_token_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    chunk_tokens: int | None) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of the logits ``x @ weight.T`` against ``targets``: computed
+    ``chunk_tokens`` tokens at a time (:mod:`model.loss`), or from the full logits (None or 0)."""
+    if chunk_tokens:
+        return chunked_cross_entropy(x, weight, targets, chunk_tokens)
+    return F.cross_entropy(F.linear(x, weight).float().flatten(0, -2), targets.flatten())
 
 
 class Embedding(nn.Module):
@@ -368,12 +374,10 @@ class Transformer(nn.Module):
         may see.
         """
         T = tokens.shape[1]
-        dtype = self.embed.weight.dtype
         if cache is None and mask is None and self.cfg.attention == "document":
-            doc_ids = document_ids(tokens, self.cfg.eos_id)  # (B, T)
-            mask = build_document_mask(doc_ids, dtype=dtype)  # whole sequence: heads are local after the all-to-all
-            if positions is None:
-                positions = document_positions(doc_ids)  # (B, T)
+            # whole sequence: heads are local after sequence parallelism's all-to-all
+            mask, doc_positions = document_inputs(self.cfg, tokens, self.embed.weight.dtype)
+            positions = doc_positions if positions is None else positions
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
         if self.sp_size > 1 and cache is None:  # this rank's chunk of the sequence
@@ -381,10 +385,7 @@ class Transformer(nn.Module):
             tokens, positions = tokens[:, chunk], positions[..., chunk]
             T = tokens.shape[1]
         x = self.embed(tokens)  # (B, T, C)
-        cos, sin = rope_tables(self.cfg, positions, x.dtype)  # (T, D) or (B, T, D)
-        sin = signed_sin(sin)
-        if cos.dim() == 3:
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
+        cos, sin = rotary_inputs(self.cfg, positions, x.dtype)
         every = self.cfg.checkpoint_every if self.training and torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.length)
@@ -395,6 +396,25 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         return self.norm(x)  # (B, T, C)
+
+
+def document_inputs(cfg: ModelConfig, tokens: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[DocumentMask, torch.Tensor]:
+    """With ``model.attention: document``: the document mask of the packed ``tokens`` (B, T) and
+    each token's position within its document (B, T)."""
+    doc_ids = document_ids(tokens, cfg.eos_id)  # (B, T)
+    return build_document_mask(doc_ids, dtype=dtype), document_positions(doc_ids)
+
+
+def rotary_inputs(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos and signed sin (:func:`signed_sin`) tables the blocks take for ``positions`` (T,)
+    or (B, T): (T, D), or (B, 1, T, D) to broadcast over the heads."""
+    cos, sin = rope_tables(cfg, positions, dtype)  # (T, D) or (B, T, D)
+    sin = signed_sin(sin)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    return cos, sin
 
 
 def build_transformer(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
