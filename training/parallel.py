@@ -19,7 +19,6 @@ from typing import Any
 
 from crucible.errors import ConfigError
 
-
 MODEL_PARALLEL_KEYS = ("sequence_parallel", "pipeline_stages", "tensor_parallel")
 """The ``train`` keys of model parallelism (at most one > 1); a checkpoint records each."""
 

@@ -6,6 +6,7 @@ from crucible.errors import UserError
 from training.config import PretrainConfig
 from training.dry_run import dry_run_report
 from training.steps.language_model import LanguageModelStep
+from training.steps.pipeline import PipelineLanguageModelStep
 from training.trainer import run_training
 
 
@@ -17,4 +18,5 @@ def pretrain(cfg: PretrainConfig, dry_run: bool = False, world_size: int | None 
         raise UserError(f"--write-gbps must be a positive bandwidth in GB/s (got {write_gbps})")
     if dry_run:
         return dry_run_report(cfg, world_size, **({"write_gbps": write_gbps} if write_gbps else {}))
-    return run_training(cfg, lambda ctx: LanguageModelStep(cfg, ctx))
+    step = PipelineLanguageModelStep if cfg.train.pipeline_stages > 1 else LanguageModelStep
+    return run_training(cfg, lambda ctx: step(cfg, ctx))
