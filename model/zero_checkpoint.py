@@ -28,6 +28,10 @@ Layouts read (DeepSpeed 0.19; ``deepspeed/utils/zero_to_fp32.py`` and
   per rank (the last padded), laid end to end in the rank's flat groups in ``param_shapes``
   order.
 * ZeRO 0 (``mp_rank_00_model_states.pt`` alone): the module's weights as trained.
+* Tensor parallelism (``train.tensor_parallel`` = T, DeepSpeed AutoTP): each of the above per
+  tensor-parallel rank m (``mp_rank_0m_model_states.pt``, ``zero_pp_rank_R_mp_rank_0m_optim_states.pt``),
+  holding that rank's shards; a split parameter is the concatenation of its T shards along
+  :func:`model.tensor_parallel.partition_dim`, a replicated one is taken from rank 0.
 
 Frozen parameters come from the model states file(s); tied parameters (DeepSpeed's
 ``shared_params``) appear once, under the name that owns the storage.
@@ -52,6 +56,9 @@ log = logging.getLogger("crucible.model.zero_checkpoint")
 _OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 _ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 _MODEL_STATES = "mp_rank_00_model_states.pt"
+_TP_OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_TP_MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_TRAINER_STATE = "trainer_state.json"  # training.checkpoint.STATE_FILE (this module imports nothing of training)
 # Classes DeepSpeed pickles into its optimizer files; replaced by an inert record on reading.
 _DEEPSPEED_CLASSES = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
@@ -158,8 +165,10 @@ def _frozen_zero12(path: Path, model_states: dict[str, Any]) -> list[_Param]:
     return [_Param(name, tuple(shape), [(0, _stored(path, fragments[name]))]) for name, shape in shapes.items()]
 
 
-def _plan_partitioned(ckpt_dir: Path, files: dict[int, Path], model_states: dict[str, Any]) -> list[_Param]:
-    """ZeRO 1/2 and BF16_Optimizer: fragments from each rank's ``param_slice_mappings``."""
+def _plan_partitioned(ckpt_dir: Path, files: dict[int, Path], model_states: dict[str, Any],
+                      model_path: Path | None = None) -> list[_Param]:
+    """ZeRO 1/2 and BF16_Optimizer: fragments from each rank's ``param_slice_mappings``
+    (``model_path``: the model states file, ``mp_rank_00_model_states.pt`` unless given)."""
     ranks = sorted(files)
     states = {r: _structure(files[r])["optimizer_state_dict"] for r in ranks}
     shapes = _shapes(model_states)
@@ -184,7 +193,7 @@ def _plan_partitioned(ckpt_dir: Path, files: dict[int, Path], model_states: dict
                 raise DataError(f"{ckpt_dir}: no rank's optimizer file holds parameter {name}")
             first = found[0][0]
             params.append(_Param(name, shape, [(pos - first, piece) for pos, piece in found]))
-    return params + _frozen_zero12(ckpt_dir / _MODEL_STATES, model_states)
+    return params + _frozen_zero12(model_path or ckpt_dir / _MODEL_STATES, model_states)
 
 
 class _FlatSegments:
@@ -254,9 +263,95 @@ def _plan_module(path: Path, model_states: dict[str, Any]) -> list[_Param]:
     return params
 
 
-def plan(ckpt_dir: str | Path) -> list[_Param]:
+@dataclass
+class _ShardedParam:
+    """A parameter saved by T tensor-parallel ranks: ``shards[m]`` is rank m's part, concatenated
+    along ``dim``; ``dim`` None: replicated, ``shards`` holds rank 0's whole copy only."""
+
+    name: str
+    shape: tuple[int, ...]
+    dim: int | None
+    shards: list[_Param]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _tensor_parallel_size(ckpt_dir: Path) -> int:
+    """T of the run that saved ``ckpt_dir``: its trainer state's ``tensor_parallel`` (1 when the
+    file or the key is absent: a checkpoint of another tool, or of a run before tensor parallelism),
+    at least the number of ``mp_rank_*_model_states.pt`` files present."""
+    import json
+
+    saved = 1
+    state_path = ckpt_dir / _TRAINER_STATE
+    if state_path.is_file():
+        try:
+            saved = int(json.loads(state_path.read_text()).get("tensor_parallel", 1) or 1)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise DataError(f"{state_path} is not a readable trainer state ({exc}); is the checkpoint "
+                            "whole?") from None
+    present = [int(m.group(1)) for p in ckpt_dir.glob("mp_rank_*_model_states.pt")
+               if (m := _TP_MODEL_RE.match(p.name))]
+    return max([saved, *(r + 1 for r in present)])
+
+
+def _plan_tensor_parallel(ckpt_dir: Path, tp: int) -> list[_ShardedParam]:
+    """Per tensor-parallel rank the plan of its own files (ZeRO 0/1/2 as without tensor
+    parallelism), the shards of each parameter paired up by name."""
+    from model.tensor_parallel import partition_dim
+
+    optim: dict[int, dict[int, Path]] = {m: {} for m in range(tp)}
+    for path in ckpt_dir.glob("*_optim_states.pt"):
+        match = _TP_OPTIM_RE.match(path.name)
+        if match and int(match.group(3)) < tp:
+            optim[int(match.group(3))][int(match.group(2))] = path
+    model_paths = [ckpt_dir / f"mp_rank_{m:02d}_model_states.pt" for m in range(tp)]
+    for m, model_path in enumerate(model_paths):  # every rank's file there before any is read
+        if not model_path.is_file():
+            raise DataError(f"{ckpt_dir} was saved by {tp} tensor-parallel ranks and {model_path.name} (rank "
+                            f"{m}'s model states) is missing: copy the whole checkpoint directory, or "
+                            "consolidate an earlier checkpoint")
+    per_rank: list[dict[str, _Param]] = []
+    for m, model_path in enumerate(model_paths):
+        files = optim[m]
+        if m and sorted(files) != sorted(optim[0]):
+            raise DataError(f"{ckpt_dir}: optimizer files of data-parallel ranks {sorted(files)} for tensor-parallel "
+                            f"rank {m} but {sorted(optim[0])} for rank 0; a rank's file is missing")
+        if files and sorted(files) != list(range(len(files))):
+            raise DataError(f"{ckpt_dir}: optimizer files of data-parallel ranks {sorted(files)} for "
+                            f"tensor-parallel rank {m} (expected 0..{len(files) - 1}); a rank's file is missing")
+        states = _structure(model_path)
+        params = (_plan_partitioned(ckpt_dir, files, states, model_path) if files
+                  else _plan_module(model_path, states))
+        per_rank.append({p.name: p for p in params})
+    merged: list[_ShardedParam] = []
+    for name, first in per_rank[0].items():
+        dim = partition_dim(name)
+        if dim is None:
+            merged.append(_ShardedParam(name, first.shape, None, [first]))
+            continue
+        shards = []
+        for m, params in enumerate(per_rank):
+            shard = params.get(name)
+            if shard is None or shard.shape != first.shape:
+                raise DataError(f"{ckpt_dir}: tensor-parallel rank {m} holds "
+                                f"{'no ' + name if shard is None else f'{name} of shape {shard.shape}'} "
+                                f"(rank 0: {first.shape}); the checkpoint's ranks do not belong together")
+            shards.append(shard)
+        shape = list(first.shape)
+        shape[dim] *= tp
+        merged.append(_ShardedParam(name, tuple(shape), dim, shards))
+    return merged
+
+
+def plan(ckpt_dir: str | Path) -> list[_Param] | list[_ShardedParam]:
     """Where every parameter's bytes lie in the checkpoint's files (reads structures only)."""
     ckpt_dir = Path(ckpt_dir)
+    tp = _tensor_parallel_size(ckpt_dir)
+    if tp > 1:
+        return _plan_tensor_parallel(ckpt_dir, tp)
     optim: dict[int, Path] = {}
     for path in ckpt_dir.glob("*_optim_states.pt"):
         m = _OPTIM_RE.match(path.name)
@@ -291,21 +386,44 @@ def iter_fp32_weights(ckpt_dir: str | Path, stats: dict[str, int] | None = None
     files = _Files()
     try:
         for param in params:
-            full = torch.empty(param.numel, dtype=torch.float32)
-            covered = 0
-            for at, piece in param.pieces:
-                if at < 0 or at + piece.numel > param.numel:
-                    raise DataError(f"{piece.path}: a fragment of {param.name} lies outside its "
-                                    f"{param.numel} elements")
-                files.read_into(piece, full[at: at + piece.numel])
-                covered += piece.numel
-            if covered != param.numel:
-                raise DataError(f"{ckpt_dir}: the ranks' files hold {covered} of the {param.numel} "
-                                f"elements of {param.name}")
+            if isinstance(param, _ShardedParam):
+                full = _read_sharded(ckpt_dir, param, files)
+            else:
+                full = _read(ckpt_dir, param, files)
             if stats is not None:
                 stats["largest_tensor_bytes"] = max(stats.get("largest_tensor_bytes", 0), full.nbytes)
-            yield param.name, full.view(param.shape)
+            yield param.name, full
     finally:
         if stats is not None:
             stats["bytes_read"] = files.bytes_read
         files.close()
+
+
+def _read(ckpt_dir: Path, param: _Param, files: _Files) -> torch.Tensor:
+    """``param`` whole, in fp32, from its fragments."""
+    full = torch.empty(param.numel, dtype=torch.float32)
+    covered = 0
+    for at, piece in param.pieces:
+        if at < 0 or at + piece.numel > param.numel:
+            raise DataError(f"{piece.path}: a fragment of {param.name} lies outside its "
+                            f"{param.numel} elements")
+        files.read_into(piece, full[at: at + piece.numel])
+        covered += piece.numel
+    if covered != param.numel:
+        raise DataError(f"{ckpt_dir}: the ranks' files hold {covered} of the {param.numel} "
+                        f"elements of {param.name}")
+    return full.view(param.shape)
+
+
+def _read_sharded(ckpt_dir: Path, param: _ShardedParam, files: _Files) -> torch.Tensor:
+    """A tensor-parallel parameter whole: each rank's shard read in turn and copied into its place
+    (the full parameter and one shard in memory)."""
+    if param.dim is None:
+        return _read(ckpt_dir, param.shards[0], files)
+    full = torch.empty(param.shape, dtype=torch.float32)
+    at = 0
+    for shard in param.shards:
+        part = _read(ckpt_dir, shard, files)
+        full.narrow(param.dim, at, part.shape[param.dim]).copy_(part)
+        at += part.shape[param.dim]
+    return full

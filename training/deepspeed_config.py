@@ -185,11 +185,20 @@ def build_deepspeed_config(
     ranks_per_node: int | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config dict for this run (pure function of the typed config, the DP size and,
-    when known, the ranks per node that hpZ must divide)."""
+    when known, the ranks per node that hpZ must divide).
+
+    With ``train.tensor_parallel`` = T > 1 the ``tensor_parallel`` block turns on DeepSpeed's AutoTP
+    training with :data:`model.tensor_parallel.PARTITION_CONFIG`, and ``train_batch_size`` is the
+    global batch x T: DeepSpeed checks ``train_batch_size = micro x accumulation x world`` before
+    it knows the tensor-parallel groups, counting every rank as data parallel, while the samples
+    per step stay ``micro x accumulation x data_parallel_size`` (each tensor-parallel group reads
+    the same ones). Gradient clipping needs nothing: DeepSpeed's norm counts a split weight's
+    shards once each and a replicated parameter once."""
     plan = resolve_batch(train, data_parallel_size)
     check_hpz(train, data_parallel_size, ranks_per_node)
+    tp = train.tensor_parallel
     config: dict[str, Any] = {
-        "train_batch_size": plan.global_batch_size,
+        "train_batch_size": plan.global_batch_size * tp,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         # DeepSpeed 0.19 clips at 1.0 unless told; 0.0 disables clipping. Without ZeRO our
@@ -204,6 +213,10 @@ def build_deepspeed_config(
         "checkpoint": {"load_universal": load_universal},
     }
     config.update(build_precision_section(train))
+    if tp > 1:
+        from model.tensor_parallel import PARTITION_CONFIG
+
+        config["tensor_parallel"] = {"autotp_size": tp, "partition_config": PARTITION_CONFIG}
     if train.zero.communication_data_type != "auto":
         config["communication_data_type"] = train.zero.communication_data_type
     if optim.implementation == "deepspeed":

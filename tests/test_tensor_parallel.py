@@ -1,0 +1,145 @@
+"""Tensor parallelism (DeepSpeed AutoTP training, ``train.tensor_parallel``) on CPU ranks over gloo.
+
+- Units (in-process): the DeepSpeed config block and batch sizes, the partition dimension of
+  every parameter of the tiny model, the refused combinations and shapes.
+- One launch: tensor parallel 2 on 2 ranks (ZeRO-1) follows the 1-rank run of the same recipe
+  (tests/model_parallel.py, session fixture ``mp_reference``) for 10 steps; the model directory
+  written at the end (consolidated from both ranks' shards) equals the 1-rank run's; a rerun with
+  ``train.max_steps=12`` resumes from step 10's checkpoint and trains on.
+
+Tolerance of the 1-rank comparison: both ranks compute the same loss, but each rank's attention
+and MLP work on half the heads / half the MLP width, the row-parallel outputs are sums of two
+partial matrix products added by an all-reduce, and DeepSpeed all-reduces the gradients of the
+replicated parameters (embedding, head, norms) over the group: fp32 rounding differs at ~1e-7
+relative per step. AdamW normalises the updates and the model is tiny, so over 10 steps losses
+stay within 1e-5 relative and the gradient norm within 1e-4 (as the sequence-parallel test;
+measured below). A wrong split (shards concatenated on the wrong axis, a head count not taken from
+the shard, replicated gradients not reduced, the norm counting a replicated parameter twice)
+moves them by far more than that. The final weights are compared at 2e-5 absolute (weights
+~0.05-1): AdamW divides each element's update by its own gradient scale, so for elements whose
+gradient is near zero the ~1e-7 rounding is amplified; measured 6e-6 at most after 10 steps
+(lr 3e-3, so 0.2 % of one update). Shards joined on the wrong axis or in the wrong order differ
+by ~1e-1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from crucible.errors import ConfigError
+from model.tensor_parallel import PARTITION_CONFIG, partition_dim
+from tests.model_parallel import GLOBAL_BATCH, STEPS, by_step, launch, records, worst_relative
+
+
+def _cfg(**train):
+    from crucible.config import load_config
+    from training.config import PretrainConfig
+
+    overrides = [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(PretrainConfig, "configs/pretrain/cpu_tiny.yaml", overrides)
+
+
+# ------------------------------------------------------------------------------------ units
+
+def test_deepspeed_config_has_the_autotp_block_and_counts_tensor_ranks_in_its_batch():
+    from training.deepspeed_config import build_deepspeed_config, resolve_batch
+
+    cfg = _cfg(tensor_parallel=2, zero_stage=1, global_batch_size=8, grad_accum_steps="null", micro_batch_size=4)
+    ds = build_deepspeed_config(cfg.train, cfg.optim, data_parallel_size=1)
+    assert ds["tensor_parallel"] == {"autotp_size": 2, "partition_config": PARTITION_CONFIG}
+    # DeepSpeed checks micro x accumulation x world (2 ranks) before it knows the TP groups
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 16)
+    assert resolve_batch(cfg.train, 1).global_batch_size == 8  # the samples per step stay the global batch
+    assert ds["gradient_clipping"] == 1.0
+    plain = build_deepspeed_config(_cfg(zero_stage=1, global_batch_size=8, grad_accum_steps="null",
+                                        micro_batch_size=4).train, cfg.optim, data_parallel_size=1)
+    assert "tensor_parallel" not in plain and plain["train_batch_size"] == 8
+
+
+def test_partition_dim_of_every_parameter_of_the_tiny_model():
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(preset="tiny", vocab_size=256))
+    got = {name: partition_dim(name) for name, _ in model.named_parameters()}
+    split = {"attn.wq": 0, "attn.wk": 0, "attn.wv": 0, "mlp.w_gate": 0, "mlp.w_up": 0, "attn.wo": 1, "mlp.w_down": 1}
+    want = {"embed.weight": None, "norm.weight": None, "lm_head.weight": None}
+    for layer in range(2):
+        want |= {f"layers.{layer}.attn_norm.weight": None, f"layers.{layer}.mlp_norm.weight": None}
+        want |= {f"layers.{layer}.{module}.weight": dim for module, dim in split.items()}
+    assert got == want
+    assert "bias" not in "".join(model.state_dict())  # Linear's bias=None is registered but never saved
+    assert partition_dim("module.layers.3.attn.wo.weight") == 1  # DeepSpeed's wrapper prefix
+
+
+def test_refusals_name_what_to_change():
+    from training.parallel import check_model_parallel
+
+    train = _cfg(tensor_parallel=2, zero_stage=1).train
+    check_model_parallel(train, n_layers=2, n_heads=4, kv_heads=2, hidden_dim=192)  # the tiny model splits
+    for heads, kv, hidden in ((3, 3, 192), (4, 1, 192), (4, 2, 191)):
+        with pytest.raises(ConfigError, match=r"train.tensor_parallel=2 must divide model.n_heads"):
+            check_model_parallel(train, n_layers=2, n_heads=heads, kv_heads=kv, hidden_dim=hidden)
+    refused = {
+        "needs train.zero_stage 1 or 2 \\(got 3\\)": {"zero_stage": 3},
+        "needs train.zero_stage 1 or 2 \\(got 0\\)": {"zero_stage": 0},
+        "train.sequence_parallel=2 with train.tensor_parallel=2 is not supported": {"sequence_parallel": 2},
+        "train.pipeline_stages=2 with train.tensor_parallel=2 is not supported": {"pipeline_stages": 2},
+        "not supported with ZeRO-Offload": {"offload_optimizer": "cpu"},
+        "not supported with train.compile=true": {"compile": "true"},
+    }
+    for message, train_keys in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            _cfg(**{"tensor_parallel": 2, "zero_stage": 1, **train_keys})
+
+
+# --------------------------------------------------------------------------------- 2 ranks
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_two_ranks_follow_one_rank_export_full_weights_and_resume(mp_manifest, mp_reference, tmp_path):
+    from model.io import find_model_dir, load_weights
+
+    run = tmp_path / "tp2"
+    launch(run, mp_manifest, "train.tensor_parallel=2", num_gpus=2).check()
+    got, want = by_step(records(run), "train/loss"), by_step(records(mp_reference), "train/loss")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:  # one data-parallel rank: the global batch, not twice it
+        assert got[step]["consumed_samples"] == want[step]["consumed_samples"] == GLOBAL_BATCH * step
+    worst = worst_relative(got, want)
+    print(f"TP2 vs 1 rank over {STEPS} steps, largest relative difference: {worst}")
+    assert worst["train/loss"] < 1e-5 and worst["train/grad_norm"] < 1e-4, worst
+    assert got[STEPS]["train/loss"] < got[1]["train/loss"]
+    val_got, val_want = by_step(records(run), "val/loss"), by_step(records(mp_reference), "val/loss")
+    assert val_got[STEPS]["val/loss"] == pytest.approx(val_want[STEPS]["val/loss"], rel=1e-5)
+
+    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
+    assert (ckpt / "mp_rank_01_model_states.pt").is_file()  # each tensor-parallel rank saved its shard
+    mine, theirs = load_weights(find_model_dir(run)), load_weights(find_model_dir(mp_reference))
+    assert sorted(mine) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert mine[name].shape == tensor.shape, name  # full size, not a shard
+        torch.testing.assert_close(mine[name], tensor, rtol=0, atol=2e-5, msg=name)
+
+    logged = len(records(run))
+    launch(run, mp_manifest, "train.tensor_parallel=2", "train.max_steps=12", num_gpus=2).check()
+    more = by_step(records(run)[logged:], "train/loss")
+    assert sorted(more) == [11, 12]  # resumed from step 10's checkpoint
+    assert more[12]["consumed_samples"] == GLOBAL_BATCH * 12
+    assert all(torch.isfinite(torch.tensor(rec["train/loss"])) for rec in more.values())
+
+
+def test_consolidation_refuses_a_checkpoint_missing_a_tensor_rank(tmp_path: Path):
+    from crucible.errors import DataError
+    from model.zero_checkpoint import plan
+
+    ckpt = tmp_path / "step_00000010"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text('{"tensor_parallel": 2}')
+    torch.save({"module": {}}, ckpt / "mp_rank_00_model_states.pt")
+    with pytest.raises(DataError, match="mp_rank_01_model_states.pt \\(rank 1's model states\\) is missing"):
+        plan(ckpt)
