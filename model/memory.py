@@ -65,6 +65,13 @@ bytes: the same formula at N / P tokens (``sequence_parallel``). A dense documen
 (``model.attention: document`` off CUDA) is B T^2 s on every rank, not divided, and not counted here
 (FlexAttention's block mask on CUDA is small).
 
+Tensor parallelism over T ranks (DeepSpeed AutoTP, ``train.tensor_parallel``): each rank holds
+H / T query heads, kv_heads / T key/value heads and F / T of the SwiGLU width for all N tokens,
+so the attention and SwiGLU terms of ``S_block`` (``N ((2 Q + 2 K + 4 F) s + 4 H)``) and the
+SwiGLU gradients of the block backward (``2 N F s``) are divided by T; the norms, the residual
+stream (the row-parallel outputs are all-reduced to full width), the checkpointed block inputs and
+the loss (embedding and head replicated) are not (``tensor_parallel``).
+
 Small terms (rotary tables, a few fp32 vectors per token) are left out; what the allocator holds
 besides tensors (fragmentation, the CUDA caching allocator's reserve, NCCL buffers) is not part of
 this estimate.
@@ -121,18 +128,24 @@ class ActivationMemory:
 
 def estimate_activation_memory(cfg: ModelConfig, micro_batch_size: int, seq_len: int, dtype_bytes: int,
                                loss_chunk_tokens: int, checkpoint_every: int | None = None,
-                               device: str = "cuda", sequence_parallel: int = 1) -> ActivationMemory:
+                               device: str = "cuda", sequence_parallel: int = 1,
+                               tensor_parallel: int = 1) -> ActivationMemory:
     """Activation bytes of one rank at the peak of a training step (the module docstring gives the
     formula and what each term is). ``checkpoint_every``: 0 none, k every k-th block from block 0;
     None takes ``cfg.activation_checkpointing``. ``loss_chunk_tokens`` 0: full fp32 logits.
     ``device`` "cpu" adds the copy CPU kernels make for a mixed-dtype in-place add.
     ``sequence_parallel`` P: one rank of a group that splits each sequence P ways (``seq_len`` is
-    the whole sequence's)."""
+    the whole sequence's). ``tensor_parallel`` T: one rank of a group that splits the heads and the
+    SwiGLU width T ways (they must divide by T)."""
     if micro_batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"micro batch ({micro_batch_size}) and sequence length ({seq_len}) must be positive")
     if sequence_parallel <= 0 or seq_len % sequence_parallel:
         raise ValueError(f"sequence_parallel ({sequence_parallel}) must be positive and divide the sequence "
                          f"length ({seq_len})")
+    if tensor_parallel <= 0 or cfg.n_heads % tensor_parallel or cfg.kv_heads % tensor_parallel \
+            or cfg.hidden_dim % tensor_parallel:
+        raise ValueError(f"tensor_parallel ({tensor_parallel}) must be positive and divide n_heads ({cfg.n_heads}), "
+                         f"kv_heads ({cfg.kv_heads}) and the SwiGLU width ({cfg.hidden_dim})")
     if dtype_bytes not in (2, FP32):
         raise ValueError(f"dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), got {dtype_bytes}")
     every = cfg.checkpoint_every if checkpoint_every is None else checkpoint_every
@@ -143,7 +156,8 @@ def estimate_activation_memory(cfg: ModelConfig, micro_batch_size: int, seq_len:
     V, H, L = cfg.vocab_size, cfg.n_heads, cfg.n_layers
     narrower = s if s != FP32 else 0  # a cast to the dtype is a new tensor only below fp32
 
-    block = n * (2 * C * (FP32 + 2 * s) + 2 * FP32 + (2 * Q + 2 * K + 4 * F) * s + FP32 * H)
+    tp = tensor_parallel  # this rank's share of the heads and of the SwiGLU width (exact: they divide)
+    block = n * (2 * C * (FP32 + 2 * s) + 2 * FP32 + ((2 * Q + 2 * K + 4 * F) * s + FP32 * H) // tp)
     recomputed = math.ceil(L / every) if every else 0
     blocks = (L - recomputed) * block + recomputed * n * C * s
     final_norm = n * C * (FP32 + s) + FP32 * n
@@ -157,7 +171,7 @@ def estimate_activation_memory(cfg: ModelConfig, micro_batch_size: int, seq_len:
     else:
         loss_forward = n * C * s + 2 * n * V * FP32
         loss_backward = n * C * s + 3 * n * V * FP32
-    block_backward = n * C * s + 2 * n * F * s
+    block_backward = n * C * s + 2 * n * F * s // tp
     if every and (L - 1) % every == 0:
         block_backward += block - (n * C * FP32 if s == FP32 else 0)
     return ActivationMemory(block_bytes=block, checkpointed_blocks=recomputed, blocks_bytes=blocks,

@@ -46,3 +46,18 @@ def partition_dim(param_name: str) -> int | None:
     if any(p.match(param_name) for p in _ROW):
         return 1
     return None
+
+
+def split_params(cfg: Any) -> int:
+    """Parameters of ``cfg`` (a :class:`model.config.ModelConfig`) that tensor parallelism splits T
+    ways: every block's seven projections (the norms, the embedding and the head stay whole)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    return cfg.n_layers * (2 * cfg.dim * q + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.hidden_dim)
+
+
+def params_per_rank(cfg: Any, tensor_parallel: int) -> int:
+    """Parameters one rank holds under ``tensor_parallel`` (T divides the split dimensions)."""
+    from model.flops import num_params
+
+    split = split_params(cfg)
+    return num_params(cfg) - split + split // tensor_parallel

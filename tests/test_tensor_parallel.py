@@ -143,3 +143,52 @@ def test_consolidation_refuses_a_checkpoint_missing_a_tensor_rank(tmp_path: Path
     torch.save({"module": {}}, ckpt / "mp_rank_00_model_states.pt")
     with pytest.raises(DataError, match="mp_rank_01_model_states.pt \\(rank 1's model states\\) is missing"):
         plan(ckpt)
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+def test_activation_estimate_splits_attention_and_mlp_but_not_norms_or_loss():
+    from model.config import ModelConfig
+    from model.memory import estimate_activation_memory
+
+    cfg = ModelConfig(preset="tiny", vocab_size=256)  # C 64, Q 64, K 32, F 192, H 4
+    one, two = (estimate_activation_memory(cfg, 2, 128, 4, 0, 0, device="cpu", tensor_parallel=t) for t in (1, 2))
+    n = 2 * 128
+    norms = n * (2 * 64 * (4 + 2 * 4) + 2 * 4)  # the two RMSNorms of a block, whole on every rank
+    split = n * ((2 * 64 + 2 * 32 + 4 * 192) * 4 + 4 * 4)  # attention and SwiGLU tensors of a block
+    assert one.block_bytes == norms + split and two.block_bytes == norms + split // 2
+    assert (two.final_norm_bytes, two.loss_forward_bytes, two.loss_backward_bytes) == (
+        one.final_norm_bytes, one.loss_forward_bytes, one.loss_backward_bytes)
+    assert one.block_backward_bytes - two.block_backward_bytes == n * 192 * 4  # 2 N F s / 2
+    with pytest.raises(ValueError, match="must be positive and divide n_heads"):
+        estimate_activation_memory(cfg, 2, 128, 4, 0, 0, tensor_parallel=3)
+
+
+def test_model_state_memory_counts_one_rank_s_shard_over_the_data_parallel_ranks():
+    from model.config import ModelConfig
+    from model.flops import num_params
+    from model.tensor_parallel import params_per_rank, split_params
+    from training.deepspeed_config import estimate_memory_per_gpu
+
+    cfg = ModelConfig(preset="tiny", vocab_size=256)
+    split = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192)  # two blocks' projections
+    assert split_params(cfg) == split and params_per_rank(cfg, 2) == num_params(cfg) - split // 2
+    train = _cfg(tensor_parallel=2, zero_stage=2).train
+    gib = estimate_memory_per_gpu(train, num_params(cfg), 256 * 64, 8, 1, params_per_rank(cfg, 2))["gpu_gib"]
+    p = params_per_rank(cfg, 2)  # DeepSpeed's ZeRO-2 formula: 2 P + 18 P / (data-parallel ranks = 8 / 2)
+    assert gib * 1024**3 == pytest.approx(2 * p + int(18 * p / 4), abs=1)
+
+
+def test_dry_run_prints_tensor_groups_and_memory_per_rank(mp_manifest, capsys):
+    from launcher.pretrain import main
+
+    common = ["--config", "configs/pretrain/cpu_tiny.yaml", "--dry-run", "--world-size", "4",
+              f"data.manifests=[{mp_manifest}]", "train.zero_stage=1", "train.grad_accum_steps=null"]
+    assert main([*common, "train.tensor_parallel=2"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor-parallel groups (2 of 2 rank(s)): [0, 1], [2, 3]" in out
+    assert "data-parallel size 2 = 4 ranks / tensor_parallel 2" in out
+    assert "tensor parallel 2: 2 heads and 96 of the MLP width per rank" in out
+    assert "the blocks' projections split 2 ways" in out
+    assert main([*common, "train.tensor_parallel=4"]) == 2  # 2 key/value heads do not split 4 ways
+    assert "must divide model.n_heads (4), the key/value heads (2)" in capsys.readouterr().err

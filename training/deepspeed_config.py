@@ -234,14 +234,32 @@ def save_deepspeed_config(config: dict[str, Any], path: str | Path) -> Path:
 
 
 def estimate_memory_per_gpu(
-    train: TrainConfig, total_params: int, largest_layer_params: int, gpus_per_node: int, num_nodes: int
+    train: TrainConfig, total_params: int, largest_layer_params: int, gpus_per_node: int, num_nodes: int,
+    rank_params: int | None = None,
 ) -> dict[str, float]:
     """Model-state memory per GPU and per node (GiB) from DeepSpeed's own estimators.
 
     Activations are not included (they depend on micro batch, sequence length and activation
     checkpointing); the numbers bound weights, gradients and optimizer state.
+
+    Tensor parallelism (``train.tensor_parallel`` = T > 1): ``rank_params`` is what one rank
+    holds (:func:`model.tensor_parallel.params_per_rank`: block projections / T, embedding, head
+    and norms whole), and ZeRO partitions its gradients and optimizer state over the
+    ``gpus / T`` data-parallel ranks, not over every GPU.
     """
     gib = 1024**3
+    tp = train.tensor_parallel
+    if tp > 1:
+        if rank_params is None:
+            raise ValueError("estimate_memory_per_gpu: train.tensor_parallel > 1 needs rank_params")
+        total_gpus = gpus_per_node * num_nodes
+        if total_gpus % tp:
+            raise ConfigError(f"train.tensor_parallel={tp} must divide the {total_gpus} GPUs of the plan")
+        # the GPU figure depends on the number of ranks sharing the optimizer state only: give
+        # the estimator the data-parallel count; the CPU figure is per node as without TP
+        _, gpu = _zero12_states_bytes(train, rank_params, 1, total_gpus // tp)
+        cpu, _ = _zero12_states_bytes(train, rank_params, gpus_per_node, num_nodes)
+        return {"gpu_gib": gpu / gib, "cpu_gib_per_node": cpu / gib}
     if train.zero_stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -263,3 +281,16 @@ def estimate_memory_per_gpu(
         bytes_per_param = 16 if train.precision == "fp32" else 18
         gpu, cpu = total_params * bytes_per_param, total_params * 4 * gpus_per_node
     return {"gpu_gib": gpu / gib, "cpu_gib_per_node": cpu / gib}
+
+
+def _zero12_states_bytes(train: TrainConfig, params: int, gpus_per_node: int,
+                         num_nodes: int) -> tuple[int, int]:
+    """(CPU bytes per node, GPU bytes) of ``params`` under ZeRO 1/2 (DeepSpeed's estimator;
+    tensor parallelism refuses offload and ZeRO 0/3, see training.config)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if train.zero_stage not in (1, 2):
+        raise ValueError(f"tensor-parallel memory is estimated for ZeRO 1/2, not {train.zero_stage}")
+    cpu, gpu = estimate_zero2_model_states_mem_needs(params, gpus_per_node, num_nodes,
+                                                     cpu_offload=train.offload_optimizer != "none")
+    return int(cpu), int(gpu)
