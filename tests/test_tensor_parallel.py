@@ -2,6 +2,10 @@
 
 - Units (in-process): the DeepSpeed config block and batch sizes, the partition dimension of
   every parameter of the tiny model, the refused combinations and shapes.
+- Memory plan: the activation estimate per tensor-parallel rank (attention and SwiGLU split, the
+  rest whole) against the CPU allocator's measurement of the AutoTP-sharded model on 2 in-process
+  gloo ranks (within 20 %, as tests/test_activation_memory.py; measured 2 %), the model-state
+  estimate and the ``--dry-run`` lines.
 - One launch: tensor parallel 2 on 2 ranks (ZeRO-1) follows the 1-rank run of the same recipe
   (tests/model_parallel.py, session fixture ``mp_reference``) for 10 steps; the model directory
   written at the end (consolidated from both ranks' shards) equals the 1-rank run's; a rerun with
@@ -192,3 +196,61 @@ def test_dry_run_prints_tensor_groups_and_memory_per_rank(mp_manifest, capsys):
     assert "the blocks' projections split 2 ways" in out
     assert main([*common, "train.tensor_parallel=4"]) == 2  # 2 key/value heads do not split 4 ways
     assert "must divide model.n_heads (4), the key/value heads (2)" in capsys.readouterr().err
+
+
+# activations where they dwarf allocator noise (tests/test_activation_memory.py's shapes)
+_ACT_BATCH, _ACT_SEQ = 2, 256
+
+
+def _act_config():
+    from model.config import ModelConfig
+
+    return ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=_ACT_SEQ)
+
+
+def _activation_rank(rank: int, world_size: int) -> dict:
+    """One rank's measured activation bytes of the AutoTP-sharded model (and, on rank 0, of the
+    whole model), plus the shape of a sharded projection."""
+    import deepspeed
+
+    from model.memory import measure_activation_memory
+    from model.transformer import build_transformer
+    from training.engine import build_engine, use_environment_ninja
+
+    use_environment_ninja()
+    deepspeed.init_distributed(dist_backend="gloo")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 512, (_ACT_BATCH, _ACT_SEQ + 1), generator=g)
+    out: dict = {}
+    if rank == 0:
+        out["whole"] = measure_activation_memory(build_transformer(_act_config(), seed=0), tokens[:, :-1],
+                                                 tokens[:, 1:], loss_chunk_tokens=128)
+    model = build_transformer(_act_config(), seed=0)
+    config = {"train_batch_size": world_size, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              # no ZeRO: its gradient hooks would fill a 2 GB reduce bucket inside the measurement
+              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9,
+              "tensor_parallel": {"autotp_size": world_size, "partition_config": PARTITION_CONFIG},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, _ = build_engine(model, config, None, model_parameters=list(model.parameters()))
+    with torch.no_grad():  # the first forward runs DeepSpeed's check that the group's inputs agree
+        engine.module(tokens[:, :-1])
+    out["rank"] = measure_activation_memory(engine.module, tokens[:, :-1], tokens[:, 1:], loss_chunk_tokens=128)
+    out["wk_shape"] = tuple(engine.module.layers[0].attn.wk.weight.shape)
+    return out
+
+
+@pytest.mark.distributed
+def test_activation_estimate_per_tensor_rank_matches_the_measurement():
+    from model.memory import estimate_activation_memory
+    from tests.harness import run_on_ranks
+
+    results = run_on_ranks(_activation_rank, 2)
+    assert results[0]["wk_shape"] == (32, 128)  # 1 of 2 key/value heads of 32 dims: sharded
+    whole = estimate_activation_memory(_act_config(), _ACT_BATCH, _ACT_SEQ, 4, 128, device="cpu").peak_bytes
+    est = estimate_activation_memory(_act_config(), _ACT_BATCH, _ACT_SEQ, 4, 128, device="cpu",
+                                     tensor_parallel=2).peak_bytes
+    print(f"activations per rank, TP2: measured {[r['rank'] for r in results]} bytes, estimate {est}; "
+          f"one rank, whole model: measured {results[0]['whole']}, estimate {whole}")
+    for r in results:  # the bar of tests/test_activation_memory.py
+        assert abs(est - r["rank"]) <= 0.2 * r["rank"], (est, r["rank"])
+    assert max(r["rank"] for r in results) < 0.8 * results[0]["whole"]  # the split saves memory
