@@ -28,6 +28,10 @@ Layouts read (DeepSpeed 0.19; ``deepspeed/utils/zero_to_fp32.py`` and
   per rank (the last padded), laid end to end in the rank's flat groups in ``param_shapes``
   order.
 * ZeRO 0 (``mp_rank_00_model_states.pt`` alone): the module's weights as trained.
+* Pipelines (``train.pipeline_stages`` = P, ZeRO 1): the ZeRO 1 layout per stage s
+  (``mp_rank_0s_model_states.pt``, ``zero_pp_rank_R_mp_rank_0s_optim_states.pt``) under the
+  pipeline's layer names, mapped to the model's by :func:`model.pipeline.model_name` (the
+  ``layer_NN-model_states.pt`` files hold the same weights in the training dtype).
 * Tensor parallelism (``train.tensor_parallel`` = T, DeepSpeed AutoTP): each of the above per
   tensor-parallel rank m (``mp_rank_0m_model_states.pt``, ``zero_pp_rank_R_mp_rank_0m_optim_states.pt``),
   holding that rank's shards; a split parameter is the concatenation of its T shards along
@@ -346,9 +350,61 @@ def _plan_tensor_parallel(ckpt_dir: Path, tp: int) -> list[_ShardedParam]:
     return merged
 
 
+def _trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state (empty when absent: a checkpoint of another tool)."""
+    import json
+
+    state_path = ckpt_dir / _TRAINER_STATE
+    if not state_path.is_file():
+        return {}
+    try:
+        state = json.loads(state_path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{state_path} is not a readable trainer state ({exc}); is the checkpoint whole?") from None
+    return state if isinstance(state, dict) else {}
+
+
+def _plan_pipeline(ckpt_dir: Path, stages: int) -> list[_Param]:
+    """Pipeline checkpoints (``train.pipeline_stages`` = P, ZeRO-1): per stage s its own ZeRO 1
+    files (``mp_rank_0s_model_states.pt``, ``zero_pp_rank_R_mp_rank_0s_optim_states.pt``), the
+    pipeline's parameter names mapped to the Transformer's (:func:`model.pipeline.model_name`); the
+    tied embedding, held by the first and the last stage, is taken once."""
+    from model.config import ModelConfig
+    from model.pipeline import model_name
+
+    state = _trainer_state(ckpt_dir)
+    if "model_config" not in state:
+        raise DataError(f"{ckpt_dir} holds a {stages}-stage pipeline checkpoint without the model config in its "
+                        f"{_TRAINER_STATE}; consolidate a checkpoint written by this project")
+    cfg = ModelConfig.model_validate(state["model_config"])
+    optim: dict[int, dict[int, Path]] = {s: {} for s in range(stages)}
+    for path in ckpt_dir.glob("*_optim_states.pt"):
+        match = _TP_OPTIM_RE.match(path.name)
+        if match and int(match.group(3)) < stages:
+            optim[int(match.group(3))][int(match.group(2))] = path
+    params: list[_Param] = []
+    seen: set[str] = set()
+    for stage in range(stages):
+        model_path = ckpt_dir / f"mp_rank_{stage:02d}_model_states.pt"
+        files = optim[stage]
+        if not model_path.is_file() or not files or sorted(files) != list(range(len(files))):
+            raise DataError(f"{ckpt_dir} was saved by a {stages}-stage pipeline and stage {stage}'s files are "
+                            f"incomplete ({model_path.name}, optimizer files of data-parallel ranks "
+                            f"{sorted(files)}): copy the whole checkpoint directory, or consolidate an earlier one")
+        for param in _plan_partitioned(ckpt_dir, files, _structure(model_path), model_path):
+            param.name = model_name(param.name, cfg)
+            if param.name not in seen:
+                seen.add(param.name)
+                params.append(param)
+    return params
+
+
 def plan(ckpt_dir: str | Path) -> list[_Param] | list[_ShardedParam]:
     """Where every parameter's bytes lie in the checkpoint's files (reads structures only)."""
     ckpt_dir = Path(ckpt_dir)
+    stages = int(_trainer_state(ckpt_dir).get("pipeline_stages", 1) or 1)
+    if stages > 1 or any(ckpt_dir.glob("layer_*-model_states.pt")):
+        return _plan_pipeline(ckpt_dir, max(stages, len(list(ckpt_dir.glob("mp_rank_*_model_states.pt")))))
     tp = _tensor_parallel_size(ckpt_dir)
     if tp > 1:
         return _plan_tensor_parallel(ckpt_dir, tp)
