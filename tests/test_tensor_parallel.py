@@ -101,6 +101,25 @@ def test_refusals_name_what_to_change():
             _cfg(**{"tensor_parallel": 2, "zero_stage": 1, **train_keys})
 
 
+def test_resuming_a_tensor_parallel_run_on_another_number_of_ranks_is_refused(monkeypatch, tmp_path):
+    """A changed data-parallel size would need DeepSpeed's universal conversion, which was not
+    verified for AutoTP checkpoints: every rank stops with the saved rank count (collectives and
+    the checkpoint search stubbed: rank 0's view of 4 ranks resuming a 2-rank checkpoint)."""
+    from crucible.errors import UserError
+    from training import checkpoint as ckpt
+    from training import trainer
+    from training.engine import DistContext
+
+    info = ckpt.CheckpointInfo(10, tmp_path / "step_00000010", {"world_size": 2, "zero_stage": 1})
+    monkeypatch.setattr(trainer, "broadcast_object", lambda obj: obj)
+    monkeypatch.setattr(ckpt, "resume_candidates", lambda run_dir, resume: [info])
+    monkeypatch.setattr(ckpt, "select_checkpoint", lambda candidates, *args, **kwargs: candidates[0])
+    ctx = DistContext(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+    cfg = _cfg(tensor_parallel=2, zero_stage=1)
+    with pytest.raises(UserError, match="resuming a tensor-parallel run on 4 ranks is not supported.*resume on 2 ranks"):
+        trainer.plan_resume(cfg, ctx)
+
+
 # --------------------------------------------------------------------------------- 2 ranks
 
 @pytest.mark.slow
