@@ -286,16 +286,10 @@ def _tensor_parallel_size(ckpt_dir: Path) -> int:
     """T of the run that saved ``ckpt_dir``: its trainer state's ``tensor_parallel`` (1 when the
     file or the key is absent: a checkpoint of another tool, or of a run before tensor parallelism),
     at least the number of ``mp_rank_*_model_states.pt`` files present."""
-    import json
-
-    saved = 1
-    state_path = ckpt_dir / _TRAINER_STATE
-    if state_path.is_file():
-        try:
-            saved = int(json.loads(state_path.read_text()).get("tensor_parallel", 1) or 1)
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise DataError(f"{state_path} is not a readable trainer state ({exc}); is the checkpoint "
-                            "whole?") from None
+    saved = _trainer_state(ckpt_dir).get("tensor_parallel", 1)
+    if not isinstance(saved, int) or saved < 1:
+        raise DataError(f"{ckpt_dir / _TRAINER_STATE} records tensor_parallel={saved!r}, not a positive "
+                        "integer; is the checkpoint whole?")
     present = [int(m.group(1)) for p in ckpt_dir.glob("mp_rank_*_model_states.pt")
                if (m := _TP_MODEL_RE.match(p.name))]
     return max([saved, *(r + 1 for r in present)])
