@@ -118,9 +118,9 @@ class TrainConfig(Section):
     sequence_parallel: int = Field(1, gt=0)
     """Ranks that split each sample's sequence (DeepSpeed-Ulysses): every group of this many consecutive ranks reads the same samples, each rank runs 1/N of the tokens, and attention exchanges heads with an all-to-all; the data-parallel size is world / N. Needs world size, sequence length, n_heads and kv_heads divisible by N; not with offload, compile, hpZ or harness tasks (1: off)."""
     pipeline_stages: int = Field(1, gt=0)
-    """Pipeline parallelism (DeepSpeed's PipelineModule): the model's layers (embedding, blocks, final norm and head) split into this many stages on consecutive groups of world / P ranks, micro batches flowing through them (1F1B); the data-parallel size is world / P. ZeRO 0 or 1 only (DeepSpeed refuses 2 and 3 with a pipeline); not with sequence or tensor parallelism, offload, compile or harness tasks (1: off)."""
+    """Pipeline parallelism (DeepSpeed's PipelineModule): the model's layers (embedding, blocks, final norm and head) split into this many stages on consecutive groups of world / P ranks, micro batches flowing through them (1F1B); the data-parallel size is world / P. ZeRO-1 only (DeepSpeed refuses 2 and 3 with a pipeline; without ZeRO the gradient clipping would see one stage's norm); not with sequence or tensor parallelism, offload, compile or harness tasks (1: off)."""
     tensor_parallel: int = Field(1, gt=0)
-    """Tensor parallelism (DeepSpeed AutoTP training): every group of this many consecutive ranks splits each block's attention and MLP weights (q/k/v, gate and up by output rows, o and down by input columns) and reads the same samples; the data-parallel size is world / T. Needs n_heads and kv_heads divisible by T; ZeRO 0, 1 or 2; not with sequence or pipeline parallelism, offload, compile or harness tasks (1: off)."""
+    """Tensor parallelism (DeepSpeed AutoTP training): every group of this many consecutive ranks splits each block's attention and MLP weights (q/k/v, gate and up by output rows, o and down by input columns) and reads the same samples; the data-parallel size is world / T. Needs n_heads, kv_heads and the MLP width divisible by T; ZeRO 1 or 2; not with sequence or pipeline parallelism, offload, compile or harness tasks (1: off)."""
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     """ZeRO communication and memory tuning (bucket sizes, ZeRO-3 prefetch, hpZ, gradient dtype)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -188,13 +188,21 @@ class TrainConfig(Section):
                 raise ValueError(f"{key} is not supported with train.zero.zero_hpz_partition_size > 1 (not "
                                  "verified): set it to 1")
         if pp > 1 and self.zero_stage > 1:
-            raise ValueError(f"train.pipeline_stages={pp} needs train.zero_stage 0 or 1 (got {self.zero_stage}): "
+            raise ValueError(f"train.pipeline_stages={pp} needs train.zero_stage=1 (got {self.zero_stage}): "
                              "DeepSpeed's pipeline engine refuses ZeRO-2 and ZeRO-3, which partition gradients "
                              "that the pipeline accumulates over micro batches")
+        if pp > 1 and self.zero_stage == 0:
+            raise ValueError(f"train.pipeline_stages={pp} needs train.zero_stage=1 (got 0): without ZeRO the torch "
+                             "optimizer clips by the gradient norm of its own stage's layers alone, not the whole "
+                             "model's; set train.zero_stage=1")
         if tp > 1 and self.zero_stage == 3:
-            raise ValueError(f"train.tensor_parallel={tp} needs train.zero_stage 0, 1 or 2 (got 3): AutoTP with "
+            raise ValueError(f"train.tensor_parallel={tp} needs train.zero_stage 1 or 2 (got 3): AutoTP with "
                              "ZeRO-3 was not verified; use ZeRO-1/2 with tensor parallelism (its weights are "
                              "already split T ways)")
+        if tp > 1 and self.zero_stage == 0:
+            raise ValueError(f"train.tensor_parallel={tp} needs train.zero_stage 1 or 2 (got 0): without ZeRO "
+                             "the torch optimizer clips by the norm of this rank's shards alone, which differs "
+                             "between the tensor-parallel ranks; set train.zero_stage=1")
 
     def _check_sequence_parallel(self) -> None:
         """Combinations with sequence parallelism that were not verified are refused, with the reason."""

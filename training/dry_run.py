@@ -24,6 +24,7 @@ from data_pipeline.shards.manifest import is_url
 from model.config import ModelConfig, resolve_model_config
 from model.flops import num_params
 from model.memory import estimate_activation_memory
+from model.tensor_parallel import params_per_rank
 from training.config import PretrainConfig, TrainConfig
 from training.deepspeed_config import (
     build_deepspeed_config,
@@ -101,11 +102,15 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
     dtype_bytes = 4 if train.precision == "fp32" else 2
     every = model_cfg.checkpoint_every
     device = "cpu" if train.device == "cpu" else "cuda"  # a plan is for GPUs unless the recipe says cpu
-    sp = train.sequence_parallel
+    sp, tp = train.sequence_parallel, train.tensor_parallel
     est = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
-                                     train.loss_chunk_tokens, every, device=device, sequence_parallel=sp)
+                                     train.loss_chunk_tokens, every, device=device, sequence_parallel=sp,
+                                     tensor_parallel=tp)
     split = (f"; sequence split over {sp} ranks, {seq_len // sp} tokens per rank, attention over all tokens "
              f"for {model_cfg.n_heads // sp} heads" if sp > 1 else "")
+    if tp > 1:
+        split = (f"; tensor parallel {tp}: {model_cfg.n_heads // tp} heads and {model_cfg.hidden_dim // tp} of the "
+                 f"MLP width per rank, norms, residual stream and loss whole")
     what = "none" if not every else ("every block" if every == 1 else f"blocks 0, {every}, {2 * every}, ...")
     loss = (f"loss in chunks of {train.loss_chunk_tokens} tokens" if train.loss_chunk_tokens
             else "full fp32 logits")
@@ -121,7 +126,7 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
         if k <= model_cfg.n_layers:
             peak = estimate_activation_memory(model_cfg, train.micro_batch_size, seq_len, dtype_bytes,
                                               train.loss_chunk_tokens, k, device=device,
-                                              sequence_parallel=sp).peak_bytes
+                                              sequence_parallel=sp, tensor_parallel=tp).peak_bytes
             others.append(f"k={k}: {peak / GIB:.2f}" + (" (this recipe)" if k == every else ""))
     lines.append("  by model.activation_checkpointing (0 none, k every k-th block), GiB: " + ", ".join(others))
     if sp > 1 and model_cfg.attention == "document" and device == "cpu":
@@ -234,7 +239,7 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
     if model_cfg.attention == "document":
         print("attention: document (each token sees only its own document of a packed sample)")
     if data is not None:
-        per_step = ds_config["train_batch_size"]
+        per_step = ds_config["train_batch_size"] // tp  # DeepSpeed's count includes the tensor-parallel ranks
         epochs = cfg.train.max_steps * per_step / max(data.train_samples, 1)
         print(f"data: {data.manifests} manifest(s), seq_len {data.seq_len}, {data.train_samples:,} train "
               f"samples ({data.train_tokens:,} tokens); {cfg.train.max_steps:,} steps x {per_step} sequences "
@@ -246,18 +251,21 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
     print(f"deepspeed config (data-parallel size {dp}" + (f" = {world} ranks / {mp[0]} {mp[1]}" if mp else
                                                           f", from {why}") + "):")
     print(json.dumps(ds_config, indent=2, sort_keys=True))
+    rank_params = params_per_rank(model_cfg, tp) if tp > 1 else None
     print("model-state memory from DeepSpeed's estimators (weights, gradients, optimizer; "
-          "activations excluded):")
+          "activations excluded" + (f"; tensor parallel {tp}: {rank_params / 1e6:.1f}M parameters per GPU, the "
+                                    f"blocks' projections split {tp} ways, embedding, head and norms whole"
+                                    if tp > 1 else "") + "):")
     plans = [(min(world, 8), max(1, math.ceil(world / 8)))]
     plans += [p for p in ((8, 1), (8, 2), (8, 4), (8, 8), (8, 16)) if p != plans[0]]
     for i, (gpus, nodes) in enumerate(plans):
-        est = estimate_memory_per_gpu(cfg.train, total, largest, gpus, nodes)
+        est = estimate_memory_per_gpu(cfg.train, total, largest, gpus, nodes, rank_params)
         print(f"  {nodes:>3} node(s) x {gpus} GPU(s): {est['gpu_gib']:8.2f} GiB per GPU, "
               f"{est['cpu_gib_per_node']:8.2f} GiB CPU per node" + ("   <- this plan" if i == 0 else ""), flush=True)
     seq_len, seq_from = ((data.seq_len, "the shards' seq_len") if data is not None
                          else (model_cfg.max_seq_len, "model.max_seq_len, no manifest read"))
     activation_gib, lines = activation_report(cfg, model_cfg, seq_len, seq_from)
-    model_state_gib = estimate_memory_per_gpu(cfg.train, total, largest, *plans[0])["gpu_gib"]
+    model_state_gib = estimate_memory_per_gpu(cfg.train, total, largest, *plans[0], rank_params)["gpu_gib"]
     print("\n".join(lines))
     print(f"total per GPU for this plan: {model_state_gib:.2f} GiB model state + {activation_gib:.2f} GiB "
           f"activations = {model_state_gib + activation_gib:.2f} GiB (no allocator reserve, communication "

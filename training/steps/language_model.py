@@ -385,6 +385,8 @@ class LanguageModelStep(StepModule):
                 at = 3 * batch.source
                 sums[at:at + 3] += next_token_sums(logits, targets, keep, byte_lengths)
         self.engine.train()
+        if self.layout.tensor_parallel_rank:  # the ranks of a tensor-parallel group saw the same sequences
+            sums[:-1] = 0
         totals = sum_over_ranks(sums, device).cpu()
         with_bytes = int(totals[-1]) == self.ctx.world_size  # every rank has the tokenizer
         per_source = totals[:-1].view(-1, 3)
