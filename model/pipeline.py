@@ -230,3 +230,38 @@ def model_name(name: str, cfg: ModelConfig) -> str:
     if name == f"{cfg.n_layers + 2}.head.weight" and not cfg.tie_embeddings:
         return "lm_head.weight"
     raise ValueError(f"{name!r} is not a parameter name of the {cfg.n_layers}-block pipeline")
+
+
+def stage_parts(cfg: ModelConfig, stages: int) -> list[int]:
+    """The first pipeline layer of each stage and the end (``stages + 1`` numbers), as
+    ``PipelineModule``'s ``type:BlockPipe`` partition places them: blocks spread evenly, the
+    embedding on the first stage, norm and head on the last."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    return [int(p) for p in partition_balanced([0] + [1] * cfg.n_layers + [0, 0], stages)]
+
+
+def stage_params(cfg: ModelConfig, stages: int) -> list[int]:
+    """Parameters each stage holds (the last stage's copy of a tied embedding counted)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    block = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+    layers = [cfg.vocab_size * cfg.dim] + [block] * cfg.n_layers + [cfg.dim, cfg.vocab_size * cfg.dim]
+    parts = stage_parts(cfg, stages)
+    return [sum(layers[parts[s]:parts[s + 1]]) for s in range(stages)]
+
+
+def stage_activation_bytes(cfg: ModelConfig, stages: int, grad_accum_steps: int, blocks_bytes: int,
+                           block_backward_bytes: int, head_bytes: int) -> list[int]:
+    """Activation peak of each stage under DeepSpeed's 1F1B schedule, from one micro batch's
+    estimate over the whole model (:func:`model.memory.estimate_activation_memory`):
+    ``blocks_bytes`` kept by all blocks, ``block_backward_bytes`` a block backward's working set,
+    ``head_bytes`` the final norm and loss at their peak. Stage s runs ``min(stages - s,
+    grad_accum_steps)`` micro batches forward before their first backward, so it keeps that many
+    micro batches' activations of its own blocks; the last stage adds the head."""
+    parts = stage_parts(cfg, stages)
+    out = []
+    for s in range(stages):
+        blocks = sum(1 for i in range(parts[s], parts[s + 1]) if 1 <= i <= cfg.n_layers)
+        kept = min(stages - s, grad_accum_steps) * blocks * blocks_bytes // cfg.n_layers
+        out.append(kept + (max(head_bytes, block_backward_bytes) if s == stages - 1 else block_backward_bytes))
+    return out

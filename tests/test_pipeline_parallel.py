@@ -130,3 +130,21 @@ def test_pipeline_two_stages_by_two_data_parallel_on_four_ranks_with_tied_embedd
     said = "".join(result.rank_logs.values()) + result.stdout
     assert "global batch 8 (4 x 1 x 2)" in said, said[-3000:]  # micro x accumulation x data-parallel
     _follows(run, reference, "pipeline 2 x data 2, tied")
+
+
+def test_dry_run_prints_the_pipeline_groups_stages_and_save_bytes(mp_manifest, capsys):
+    from launcher.pretrain import main
+
+    args = ["--config", "configs/pretrain/cpu_tiny.yaml", "--dry-run", "--world-size", "4", f"data.manifests=[{mp_manifest}]",
+            "train.pipeline_stages=2", "train.zero_stage=1", "train.micro_batch_size=4", "train.grad_accum_steps=null",
+            "train.global_batch_size=16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "pipeline-parallel groups (2 of 2 rank(s)) (stage 0 first): [0, 2], [1, 3]" in out
+    assert "data-parallel groups (2 of 2 rank(s)): [0, 1], [2, 3]" in out
+    assert "data-parallel size 2 = 4 ranks / pipeline_stages 2" in out
+    assert "pipeline of 2 stages (layers 0-1, 2-4; up to 2 micro batches in flight)" in out
+    # the tiny model's stages hold 82,048 and 82,112 parameters (embedding + block, block + norm + head)
+    assert "pipeline of 2 stages: 0.1M parameters on the largest stage" in out
+    assert "rank 0:     0.00 GiB (820,480 bytes)" in out  # 82,048 x (12 / 2 data-parallel ranks + 4 fp32)
+    assert "each other model-parallel part's writer (1 rank(s)):     0.00 GiB (821,120 bytes)" in out

@@ -70,6 +70,9 @@ def shrink_pretrain(name: str, cfg: dict, manifest: Path, run_dir: Path, tiny_mo
         out.append(f"init_from={tiny_model}")
     if cfg["train"].get("global_batch_size"):
         out.append(f"train.global_batch_size={micro * 2 * 2}")  # 2 accumulated micro batches x 2 ranks
+    for key in ("sequence_parallel", "pipeline_stages", "tensor_parallel"):
+        if cfg["train"].get(key, 1) > 2:
+            out.append(f"train.{key}=2")  # a node's 8 GPUs on the tests' 2 ranks
     if cfg["train"].get("zero", {}).get("zero_hpz_partition_size", 1) > 2:
         out.append("train.zero.zero_hpz_partition_size=2")  # hpZ groups of both ranks instead of a node's 8 GPUs
     if cfg["train"].get("compile") and name != COMPILED_RECIPE:
@@ -122,7 +125,10 @@ def test_pretrain_recipe_runs_as_written(name, manifest, tiny_model_dir, tmp_pat
     if cfg.get("init_from"):
         assert json.loads((run / "init_from.json").read_text())["init_from"] == str(tiny_model_dir)
     ds = json.loads((run / "deepspeed_config.json").read_text())
-    assert ds["gradient_accumulation_steps"] == accum and ds["zero_optimization"]["stage"] == cfg["train"]["zero_stage"]
+    # a model-parallel group of the 2 ranks is one data-parallel rank: twice the accumulation
+    model_parallel = max(min(cfg["train"].get(k, 1), 2) for k in ("sequence_parallel", "pipeline_stages", "tensor_parallel"))
+    assert ds["gradient_accumulation_steps"] == accum * (model_parallel if cfg["train"].get("global_batch_size") else 1)
+    assert ds["zero_optimization"]["stage"] == cfg["train"]["zero_stage"]
     for key, value in cfg["train"].get("zero", {}).items():
         got = ds.get(key) if key == "communication_data_type" else ds["zero_optimization"][key]
         assert got == (2 if key == "zero_hpz_partition_size" else value), f"train.zero.{key}"

@@ -116,7 +116,7 @@ def test_resuming_a_tensor_parallel_run_on_another_number_of_ranks_is_refused(mo
     monkeypatch.setattr(ckpt, "select_checkpoint", lambda candidates, *args, **kwargs: candidates[0])
     ctx = DistContext(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
     cfg = _cfg(tensor_parallel=2, zero_stage=1)
-    with pytest.raises(UserError, match="resuming a tensor-parallel run on 4 ranks is not supported.*resume on 2 ranks"):
+    with pytest.raises(UserError, match="train.tensor_parallel=2; resuming it on 4 ranks is not supported.*resume on 2 ranks"):
         trainer.plan_resume(cfg, ctx)
 
 

@@ -245,16 +245,18 @@ def estimate_memory_per_gpu(
     Tensor parallelism (``train.tensor_parallel`` = T > 1): ``rank_params`` is what one rank
     holds (:func:`model.tensor_parallel.params_per_rank`: block projections / T, embedding, head
     and norms whole), and ZeRO partitions its gradients and optimizer state over the
-    ``gpus / T`` data-parallel ranks, not over every GPU.
+    ``gpus / T`` data-parallel ranks, not over every GPU. Pipelines (``train.pipeline_stages`` = P):
+    ``rank_params`` is the largest stage's (:func:`model.pipeline.stage_params`), ZeRO over ``gpus / P``.
     """
     gib = 1024**3
-    tp = train.tensor_parallel
+    tp = train.tensor_parallel * train.pipeline_stages  # at most one of them > 1
     if tp > 1:
         if rank_params is None:
-            raise ValueError("estimate_memory_per_gpu: train.tensor_parallel > 1 needs rank_params")
+            raise ValueError("estimate_memory_per_gpu: tensor or pipeline parallelism needs rank_params")
         total_gpus = gpus_per_node * num_nodes
         if total_gpus % tp:
-            raise ConfigError(f"train.tensor_parallel={tp} must divide the {total_gpus} GPUs of the plan")
+            key = "tensor_parallel" if train.tensor_parallel > 1 else "pipeline_stages"
+            raise ConfigError(f"train.{key}={tp} must divide the {total_gpus} GPUs of the plan")
         # the GPU figure depends on the number of ranks sharing the optimizer state only: give
         # the estimator the data-parallel count; the CPU figure is per node as without TP
         _, gpu = _zero12_states_bytes(train, rank_params, 1, total_gpus // tp)

@@ -23,7 +23,8 @@ from data_pipeline.loader.base import load_sources
 from data_pipeline.shards.manifest import is_url
 from model.config import ModelConfig, resolve_model_config
 from model.flops import num_params
-from model.memory import estimate_activation_memory
+from model.memory import ActivationMemory, estimate_activation_memory
+from model.pipeline import stage_activation_bytes, stage_params, stage_parts
 from model.tensor_parallel import params_per_rank
 from training.config import PretrainConfig, TrainConfig
 from training.deepspeed_config import (
@@ -62,8 +63,14 @@ link (25 GB/s for 200 Gb/s) when all write at once: 1 GB/s per rank is the conse
 OPTIMIZER_SHARD_BYTES_PER_PARAM = 12
 
 
+MODEL_PARALLEL_WRITERS = "each other model-parallel part's writer"
+"""The key of :func:`checkpoint_bytes_per_rank` for the ranks (one per tensor-parallel rank or
+pipeline stage but the first) that write their part's module weights."""
+
+
 def checkpoint_bytes_per_rank(train: TrainConfig, model_cfg: ModelConfig, total_params: int, world: int,
-                              model_dir_every_save: bool) -> dict[str, dict[str, int]]:
+                              model_dir_every_save: bool, part_params: list[int] | None = None
+                              ) -> dict[str, dict[str, int]]:
     """What rank 0 and each other rank write in one checkpoint save: file kind -> bytes.
 
     DeepSpeed 0.19's files, as a 2-rank save of the tiny model shows: ZeRO 1-3 partition the
@@ -74,10 +81,28 @@ def checkpoint_bytes_per_rank(train: TrainConfig, model_cfg: ModelConfig, total_
     whole optimizer state with the module. With ``checkpoint.write_model_dir`` every_save, rank 0
     also consolidates the fp32 model directory (4 bytes a parameter). Files under 1 MB (RNG
     states, trainer state, markers) are left out.
+
+    Tensor or pipeline parallelism (``part_params``: the parameters of each tensor-parallel rank or
+    stage, ZeRO 1/2): every rank writes the optimizer shard of its part over the data-parallel
+    ranks, and the first data-parallel rank of each part writes that part's module weights
+    (``mp_rank_0M_model_states.pt``, or the stage's ``layer_NN-model_states.pt``): rank 0 for the
+    first part, :data:`MODEL_PARALLEL_WRITERS` (the largest of them) for the others.
     """
     dtype_bytes = 4 if train.precision == "fp32" else 2
     rank0: dict[str, int] = {}
     other: dict[str, int] = {}
+    if part_params is not None and len(part_params) > 1:
+        dp = world // len(part_params)
+        weights = f"module weights of its part ({train.precision})"
+        rank0["optimizer shard"] = math.ceil(part_params[0] / dp) * OPTIMIZER_SHARD_BYTES_PER_PARAM
+        rank0[weights] = part_params[0] * dtype_bytes
+        largest = max(part_params[1:])
+        writers = {"optimizer shard": math.ceil(largest / dp) * OPTIMIZER_SHARD_BYTES_PER_PARAM,
+                   weights: largest * dtype_bytes}
+        other["optimizer shard"] = math.ceil(max(part_params) / dp) * OPTIMIZER_SHARD_BYTES_PER_PARAM
+        if model_dir_every_save:
+            rank0["model directory (fp32 safetensors)"] = total_params * 4
+        return {"rank 0": rank0, MODEL_PARALLEL_WRITERS: writers, "other ranks": other if dp > 1 else {}}
     if train.zero_stage == 0:
         # in fp32 the module's weights are the master weights: only Adam's moments are added
         optimizer = 8 if dtype_bytes == 4 else OPTIMIZER_SHARD_BYTES_PER_PARAM
@@ -95,9 +120,19 @@ def checkpoint_bytes_per_rank(train: TrainConfig, model_cfg: ModelConfig, total_
     return {"rank 0": rank0, "other ranks": other if world > 1 else {}}
 
 
-def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int, seq_from: str) -> tuple[float, list[str]]:
+def pipeline_peak(model_cfg: ModelConfig, est: ActivationMemory, stages: int, grad_accum: int) -> tuple[int, int]:
+    """The largest activation peak of a pipeline stage and its stage (:func:`model.pipeline.stage_activation_bytes`)."""
+    head = est.final_norm_bytes + max(est.loss_forward_bytes, est.loss_backward_bytes)
+    per_stage = stage_activation_bytes(model_cfg, stages, grad_accum, est.blocks_bytes, est.block_backward_bytes, head)
+    stage = max(range(stages), key=per_stage.__getitem__)
+    return per_stage[stage], stage
+
+
+def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int, seq_from: str,
+                      grad_accum: int = 1) -> tuple[float, list[str]]:
     """Activation GiB per GPU of the recipe's setting and the printed lines: the setting's
-    breakdown and the peak for other checkpointing intervals, to choose ``model.activation_checkpointing``."""
+    breakdown and the peak for other checkpointing intervals, to choose ``model.activation_checkpointing``.
+    A pipeline's figure is its most loaded stage's (``grad_accum`` micro batches per step)."""
     train = cfg.train
     dtype_bytes = 4 if train.precision == "fp32" else 2
     every = model_cfg.checkpoint_every
@@ -129,6 +164,15 @@ def activation_report(cfg: PretrainConfig, model_cfg: ModelConfig, seq_len: int,
                                               sequence_parallel=sp, tensor_parallel=tp).peak_bytes
             others.append(f"k={k}: {peak / GIB:.2f}" + (" (this recipe)" if k == every else ""))
     lines.append("  by model.activation_checkpointing (0 none, k every k-th block), GiB: " + ", ".join(others))
+    pp = train.pipeline_stages
+    if pp > 1:  # 1F1B: stage s keeps min(P - s, accumulation) micro batches of its own blocks
+        peak, stage = pipeline_peak(model_cfg, est, pp, grad_accum)
+        parts = stage_parts(model_cfg, pp)
+        lines[0] = lines[0].replace("activation memory per GPU", "activation memory of the whole model, one micro batch")
+        lines.append(f"  pipeline of {pp} stages (layers " + ", ".join(f"{parts[i]}-{parts[i + 1] - 1}" for i in range(pp))
+                     + f"; up to {min(pp, grad_accum)} micro batches in flight): {peak / GIB:.2f} GiB per GPU on the "
+                     f"most loaded stage, stage {stage}")
+        return peak / GIB, lines
     if sp > 1 and model_cfg.attention == "document" and device == "cpu":
         mask = train.micro_batch_size * seq_len ** 2 * dtype_bytes
         lines.append(f"  plus the dense document mask, whole on every rank: {mask / GIB:.2f} GiB")
@@ -251,11 +295,14 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
     print(f"deepspeed config (data-parallel size {dp}" + (f" = {world} ranks / {mp[0]} {mp[1]}" if mp else
                                                           f", from {why}") + "):")
     print(json.dumps(ds_config, indent=2, sort_keys=True))
-    rank_params = params_per_rank(model_cfg, tp) if tp > 1 else None
+    rank_params = (params_per_rank(model_cfg, tp) if tp > 1 else
+                   max(stage_params(model_cfg, pp)) if pp > 1 else None)
     print("model-state memory from DeepSpeed's estimators (weights, gradients, optimizer; "
           "activations excluded" + (f"; tensor parallel {tp}: {rank_params / 1e6:.1f}M parameters per GPU, the "
                                     f"blocks' projections split {tp} ways, embedding, head and norms whole"
-                                    if tp > 1 else "") + "):")
+                                    if tp > 1 else "")
+          + (f"; pipeline of {pp} stages: {rank_params / 1e6:.1f}M parameters on the largest stage" if pp > 1 else "")
+          + "):")
     plans = [(min(world, 8), max(1, math.ceil(world / 8)))]
     plans += [p for p in ((8, 1), (8, 2), (8, 4), (8, 8), (8, 16)) if p != plans[0]]
     for i, (gpus, nodes) in enumerate(plans):
@@ -264,7 +311,7 @@ def dry_run_report(cfg: PretrainConfig, world_size: int | None = None,
               f"{est['cpu_gib_per_node']:8.2f} GiB CPU per node" + ("   <- this plan" if i == 0 else ""), flush=True)
     seq_len, seq_from = ((data.seq_len, "the shards' seq_len") if data is not None
                          else (model_cfg.max_seq_len, "model.max_seq_len, no manifest read"))
-    activation_gib, lines = activation_report(cfg, model_cfg, seq_len, seq_from)
+    activation_gib, lines = activation_report(cfg, model_cfg, seq_len, seq_from, ds_config["gradient_accumulation_steps"])
     model_state_gib = estimate_memory_per_gpu(cfg.train, total, largest, *plans[0], rank_params)["gpu_gib"]
     print("\n".join(lines))
     print(f"total per GPU for this plan: {model_state_gib:.2f} GiB model state + {activation_gib:.2f} GiB "
@@ -281,7 +328,13 @@ def print_checkpoint_plan(cfg: PretrainConfig, model_cfg: ModelConfig, total_par
     """Print the bytes rank 0 and the other ranks write per save, and the save's time at ``write_gbps``."""
     mode = cfg.checkpoint.write_model_dir
     every_save = mode is True or mode == "every_save"
-    files = checkpoint_bytes_per_rank(cfg.train, model_cfg, total_params, world, every_save)
+    train = cfg.train
+    part_params = ([params_per_rank(model_cfg, train.tensor_parallel)] * train.tensor_parallel
+                   if train.tensor_parallel > 1 else
+                   stage_params(model_cfg, train.pipeline_stages) if train.pipeline_stages > 1 else None)
+    files = checkpoint_bytes_per_rank(train, model_cfg, total_params, world, every_save, part_params)
+    counts = {"rank 0": 1, MODEL_PARALLEL_WRITERS: len(part_params or [1]) - 1}
+    counts["other ranks"] = world - 1 - counts[MODEL_PARALLEL_WRITERS]
     print(f"checkpoint save (DeepSpeed's files, ZeRO stage {cfg.train.zero_stage}, {world} rank(s); "
           f"timed at {write_gbps:g} GB/s per rank, " + ("--write-gbps" if write_gbps != DEFAULT_WRITE_GBPS
                                                          else "an assumed default") + "):")
@@ -292,8 +345,9 @@ def print_checkpoint_plan(cfg: PretrainConfig, model_cfg: ModelConfig, total_par
         size = sum(kinds.values())
         slowest = max(slowest, size)
         parts = ", ".join(f"{kind} {b / GIB:.2f} GiB" for kind, b in kinds.items())
-        print(f"  {who}: {size / GIB:8.2f} GiB ({size:,} bytes) = {parts}; {size / (write_gbps * 1e9):.1f} s")
-    total = sum(files["rank 0"].values()) + (world - 1) * sum(files["other ranks"].values())
+        label = f"{who} ({counts[who]} rank(s))" if who == MODEL_PARALLEL_WRITERS else who
+        print(f"  {label}: {size / GIB:8.2f} GiB ({size:,} bytes) = {parts}; {size / (write_gbps * 1e9):.1f} s")
+    total = sum(counts[who] * sum(kinds.values()) for who, kinds in files.items())
     print(f"  all ranks: {total / GIB:.2f} GiB per save; the save takes as long as its slowest rank, "
           f"{slowest / (write_gbps * 1e9):.1f} s" + ("" if every_save else
           f" (checkpoint.write_model_dir={mode}: the fp32 model directory, {total_params * 4 / GIB:.2f} GiB, "

@@ -130,13 +130,13 @@ def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None,
             f"checkpoint {info.path} was saved with ZeRO stage {info.marker.get('zero_stage')} on "
             f"{saved_world} ranks; resuming on {ctx.world_size} ranks needs train.zero_stage >= 1"
         )
-    if universal and cfg.train.tensor_parallel > 1:
-        raise UserError(
-            f"checkpoint {info.path} was saved on {saved_world} ranks with train.tensor_parallel="
-            f"{cfg.train.tensor_parallel}; resuming a tensor-parallel run on {ctx.world_size} ranks is not "
-            f"supported (the universal conversion of AutoTP checkpoints was not verified): resume on "
-            f"{saved_world} ranks"
-        )
+    for key, what in (("tensor_parallel", "AutoTP"), ("pipeline_stages", "pipeline")):
+        if universal and getattr(cfg.train, key) > 1:
+            raise UserError(
+                f"checkpoint {info.path} was saved on {saved_world} ranks with train.{key}="
+                f"{getattr(cfg.train, key)}; resuming it on {ctx.world_size} ranks is not supported (the "
+                f"universal conversion of {what} checkpoints was not verified): resume on {saved_world} ranks"
+            )
     if universal:
         # the conversion reads and writes every optimizer shard (12 bytes a parameter, ~840 GB
         # for 70B), far past any collective timeout: an offline command, never run here; every
