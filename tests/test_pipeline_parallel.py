@@ -29,7 +29,14 @@ from tests.model_parallel import GLOBAL_BATCH, STEPS, by_step, launch, records, 
 
 def test_pipeline_layers_start_from_the_transformers_weights_on_any_stage_split():
     from model.config import ModelConfig
-    from model.pipeline import BlockPipe, EmbedPipe, HeadPipe, NormPipe, init_pipeline_weights, model_name
+    from model.pipeline import (
+        BlockPipe,
+        EmbedPipe,
+        HeadPipe,
+        NormPipe,
+        init_pipeline_weights,
+        model_name,
+    )
     from model.transformer import build_transformer
 
     for tied in (True, False):

@@ -33,7 +33,12 @@ from training.deepspeed_config import (
     planned_world_size,
 )
 from training.init_model import find_init_source, init_model_config
-from training.parallel import check_model_parallel, check_sequence_parallel, data_parallel_size, describe_groups
+from training.parallel import (
+    check_model_parallel,
+    check_sequence_parallel,
+    data_parallel_size,
+    describe_groups,
+)
 from training.steps.language_model import model_config_for, require_manifests
 
 
