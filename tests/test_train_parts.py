@@ -446,7 +446,13 @@ def test_recipe_memory_claims_match_the_dry_run(path):
     nodes, gpus, claimed = int(match.group(1)), int(match.group(2)), float(match.group(3))
     cfg = load_config(PretrainConfig, path)
     model = resolve_model_config(cfg.model)
-    est = estimate_memory_per_gpu(cfg.train, num_params(model), model.vocab_size * model.dim, gpus, nodes)
+    from model.pipeline import stage_params
+    from model.tensor_parallel import params_per_rank
+
+    train = cfg.train
+    rank_params = (params_per_rank(model, train.tensor_parallel) if train.tensor_parallel > 1 else
+                   max(stage_params(model, train.pipeline_stages)) if train.pipeline_stages > 1 else None)
+    est = estimate_memory_per_gpu(train, num_params(model), model.vocab_size * model.dim, gpus, nodes, rank_params)
     assert est["gpu_gib"] == pytest.approx(claimed, abs=0.006)
     assert cfg.train.planned_world_size == nodes * gpus, "the header's plan is the recipe's train.planned_world_size"
 
