@@ -265,3 +265,8 @@ def stage_activation_bytes(cfg: ModelConfig, stages: int, grad_accum_steps: int,
         kept = min(stages - s, grad_accum_steps) * blocks * blocks_bytes // cfg.n_layers
         out.append(kept + (max(head_bytes, block_backward_bytes) if s == stages - 1 else block_backward_bytes))
     return out
+
+
+def model_parameters(pipe: nn.Module, cfg: ModelConfig) -> dict[str, nn.Parameter]:
+    """This stage's parameters of ``pipe`` by their Transformer names (:func:`model_name`)."""
+    return {model_name(name, cfg): param for name, param in pipe.named_parameters()}

@@ -59,6 +59,40 @@ def test_pipeline_layers_start_from_the_transformers_weights_on_any_stage_split(
             assert seen == {k for k in want if not (tied and k == "lm_head.weight")}
 
 
+def _stage_weights_from_init_source(rank: int, world_size: int, model_dir: str) -> dict[str, bool]:
+    import deepspeed
+
+    from model.io import load_weights, read_model_config
+    from model.pipeline import build_pipeline_module, model_parameters
+    from training.init_model import find_init_source, load_init_weights
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = read_model_config(model_dir)
+    pipe = build_pipeline_module(cfg, world_size, 1, seed=3, loss_chunk_tokens=None)  # other weights than the source's
+    load_init_weights(pipe, find_init_source(model_dir), False, rank, model_parameters(pipe, cfg))
+    want = load_weights(model_dir)
+    return {name: torch.equal(param, want[name]) for name, param in model_parameters(pipe, cfg).items()}
+
+
+@pytest.mark.distributed
+def test_init_from_fills_each_stage_with_its_layers_of_the_source(tmp_path, mp_manifest):
+    """``init_from`` with a pipeline: each stage loads its own layers by their model names (the
+    tied embedding on the first and the last stage), on 2 gloo ranks."""
+    from model.config import ModelConfig
+    from model.io import save_model_dir
+    from model.transformer import build_transformer
+    from tests.harness import run_on_ranks
+
+    cfg = ModelConfig(preset="tiny", vocab_size=300, tie_embeddings=True, dtype="float32")
+    source = save_model_dir(tmp_path / "source", build_transformer(cfg, seed=11).state_dict(), cfg,
+                            tokenizer_dir=mp_manifest.parent.parent / "tokenizer")
+    first, last = run_on_ranks(_stage_weights_from_init_source, 2, str(source), timeout=300)
+    assert all(first.values()) and all(last.values()), (first, last)
+    assert {"embed.weight", "layers.0.attn.wq.weight"} <= set(first) and "norm.weight" not in first
+    assert {"embed.weight", "layers.1.mlp.w_down.weight", "norm.weight"} <= set(last)
+    assert set(first) | set(last) == {k for k in build_transformer(cfg).state_dict() if k != "lm_head.weight"}
+
+
 def test_refused_pipeline_combinations_name_the_reason():
     from pydantic import ValidationError
 

@@ -173,14 +173,17 @@ def source_tensors(source: InitSource) -> Iterator[dict[str, tuple[Any, str]]]:
         yield where
 
 
-def load_init_weights(model: torch.nn.Module, source: InitSource, partitioned: bool, rank: int) -> None:
+def load_init_weights(model: torch.nn.Module, source: InitSource, partitioned: bool, rank: int,
+                      params: dict[str, torch.nn.Parameter] | None = None) -> None:
     """Copy the source's weights into ``model`` (built for the source's config), in fp32 on the
     model's device, one tensor at a time. ``partitioned`` (ZeRO-3, built inside
     ``deepspeed.zero.Init``): each parameter is gathered, rank 0 reads and writes it, and
     DeepSpeed scatters rank 0's values back into every rank's partition, so a rank holds at most
-    one whole tensor beyond its partitions and the other ranks read nothing."""
+    one whole tensor beyond its partitions and the other ranks read nothing. ``params``: the
+    parameters to fill by their Transformer names (a pipeline stage's), instead of ``model``'s own."""
     start = time.perf_counter()
-    params = dict(model.named_parameters())  # a tied output head is the embedding, listed once
+    if params is None:
+        params = dict(model.named_parameters())  # a tied output head is the embedding, listed once
     with source_tensors(source) as where:
         _check_tensors(source, where, params)  # every rank, before any collective
         for name, param in params.items():

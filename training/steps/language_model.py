@@ -287,15 +287,17 @@ class LanguageModelStep(StepModule):
         self.engine, self.optimizer = build_engine(model, ds_config, optimizer, model_parameters=groups, mpu=mpu)
         return self.engine, self.optimizer
 
-    def _start_from_source(self, model: Transformer, partitioned: bool) -> None:
+    def _start_from_source(self, model: torch.nn.Module, partitioned: bool,
+                           params: dict[str, torch.nn.Parameter] | None = None) -> None:
         """At a fresh start: the ``init_from`` weights into ``model`` (before DeepSpeed copies
-        them into its optimizer), recorded in ``init_from.json`` by rank 0. Resuming: nothing is
+        them into its optimizer; ``params``: its parameters by Transformer name when they are
+        named otherwise), recorded in ``init_from.json`` by rank 0. Resuming: nothing is
         loaded (the run's checkpoint follows) and the record written at the start is kept."""
         if self.resuming:
             log.info("resuming from this run's checkpoint: init_from=%s is not loaded", self.cfg.init_from)
             self.init_record = read_record_of_run(self.run_dir)
             return
-        load_init_weights(model, self.init_source, partitioned, self.ctx.rank)
+        load_init_weights(model, self.init_source, partitioned, self.ctx.rank, params)
         ctx = self.ctx
         shares = gather_objects(weight_file_hashes(self.init_source, ctx.rank, ctx.world_size), ctx.world_size)
         if ctx.rank == 0:  # writes trainer_state.json, which carries the record

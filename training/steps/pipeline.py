@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from crucible.errors import ConfigError, DataError
+from crucible.errors import DataError
 from data_pipeline.loader.evaluation import build_eval_loader
-from model.pipeline import build_pipeline_module, head_weight_of
+from model.pipeline import build_pipeline_module, head_weight_of, model_parameters
 from training.collectives import sum_over_ranks
 from training.config import PretrainConfig
 from training.engine import DistContext, build_engine
@@ -42,9 +42,6 @@ class PipelineLanguageModelStep(LanguageModelStep):
 
     def __init__(self, cfg: PretrainConfig, ctx: DistContext) -> None:
         super().__init__(cfg, ctx)
-        if cfg.init_from:
-            raise ConfigError("init_from is not supported with train.pipeline_stages > 1 yet: start the run "
-                              "without a pipeline (or without init_from)")
         self.is_first_stage = self.layout.pipeline_stage == 0
         self.is_last_stage = self.layout.pipeline_stage == self.layout.pipeline_stages - 1
 
@@ -54,6 +51,8 @@ class PipelineLanguageModelStep(LanguageModelStep):
                                           cfg.train.seed, cfg.train.loss_chunk_tokens,
                                           checkpoint_every=self.model_cfg.checkpoint_every)
         self.train_loss = self.pipe.loss_fn
+        if self.init_source is not None:  # each stage fills its own layers (a tied embedding on both ends)
+            self._start_from_source(self.pipe, False, model_parameters(self.pipe, self.model_cfg))
         optim = cfg.optim
         groups = param_groups(self.pipe, optim)
         optimizer = (None if optim.implementation == "deepspeed"
