@@ -99,7 +99,7 @@ def test_refused_pipeline_combinations_name_the_reason():
     from training.config import TrainConfig
 
     for bad, reason in [({"zero_stage": 2}, "DeepSpeed's pipeline engine refuses ZeRO-2"),
-                        ({"zero_stage": 0}, "clips by the gradient norm of its own stage"),
+                        ({"zero_stage": 0}, "clips by the gradient norm of this rank.s own layers"),
                         ({"sequence_parallel": 2}, "no two of them compose"),
                         ({"tensor_parallel": 2}, "no two of them compose"),
                         ({"compile": True}, "compile")]:

@@ -158,13 +158,12 @@ class TrainConfig(Section):
         if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
             raise ValueError("train.nvme_path must be set when offloading to nvme")
         self._check_zero()
-        self._check_sequence_parallel()
         self._check_model_parallel()
         return self
 
     def _check_model_parallel(self) -> None:
-        """Pipeline and tensor parallelism: the combinations DeepSpeed 0.19 cannot run are refused
-        with its reason; those this project has not verified, with that reason."""
+        """Sequence, pipeline and tensor parallelism: the combinations DeepSpeed 0.19 cannot run are
+        refused with its reason; those this project has not verified, with that reason."""
         pp, tp, sp = self.pipeline_stages, self.tensor_parallel, self.sequence_parallel
         kinds = [f"train.{name}={value}" for name, value in
                  (("sequence_parallel", sp), ("pipeline_stages", pp), ("tensor_parallel", tp)) if value > 1]
@@ -174,50 +173,29 @@ class TrainConfig(Section):
                 "grid as the only model-parallel unit, AutoTP installs another, and Ulysses needs its "
                 "sequence-parallel unit, so no two of them compose in DeepSpeed 0.19; keep one of them > 1 "
                 "(each composes with data parallelism)")
-        for name, value in (("pipeline_stages", pp), ("tensor_parallel", tp)):
-            if value == 1:
-                continue
-            key = f"train.{name}={value}"
+        for key in kinds:  # what none of them was verified with
             if self.offload_optimizer != "none" or self.offload_params != "none":
                 raise ValueError(f"{key} is not supported with ZeRO-Offload (not verified): set "
                                  "train.offload_optimizer=none and train.offload_params=none")
             if self.compile:
-                raise ValueError(f"{key} is not supported with train.compile=true (not verified): set "
-                                 "train.compile=false")
+                raise ValueError(f"{key} is not supported with train.compile=true (collectives inside the "
+                                 "compiled blocks were not verified): set train.compile=false")
             if self.zero.zero_hpz_partition_size > 1:
-                raise ValueError(f"{key} is not supported with train.zero.zero_hpz_partition_size > 1 (not "
-                                 "verified): set it to 1")
+                raise ValueError(f"{key} is not supported with train.zero.zero_hpz_partition_size > 1 (hpZ's "
+                                 "secondary partition over model-parallel ranks was not verified): set it to 1")
         if pp > 1 and self.zero_stage > 1:
             raise ValueError(f"train.pipeline_stages={pp} needs train.zero_stage=1 (got {self.zero_stage}): "
                              "DeepSpeed's pipeline engine refuses ZeRO-2 and ZeRO-3, which partition gradients "
                              "that the pipeline accumulates over micro batches")
-        if pp > 1 and self.zero_stage == 0:
-            raise ValueError(f"train.pipeline_stages={pp} needs train.zero_stage=1 (got 0): without ZeRO the torch "
-                             "optimizer clips by the gradient norm of its own stage's layers alone, not the whole "
-                             "model's; set train.zero_stage=1")
         if tp > 1 and self.zero_stage == 3:
             raise ValueError(f"train.tensor_parallel={tp} needs train.zero_stage 1 or 2 (got 3): AutoTP with "
                              "ZeRO-3 was not verified; use ZeRO-1/2 with tensor parallelism (its weights are "
                              "already split T ways)")
-        if tp > 1 and self.zero_stage == 0:
-            raise ValueError(f"train.tensor_parallel={tp} needs train.zero_stage 1 or 2 (got 0): without ZeRO "
-                             "the torch optimizer clips by the norm of this rank's shards alone, which differs "
-                             "between the tensor-parallel ranks; set train.zero_stage=1")
-
-    def _check_sequence_parallel(self) -> None:
-        """Combinations with sequence parallelism that were not verified are refused, with the reason."""
-        if self.sequence_parallel == 1:
-            return
-        sp = f"train.sequence_parallel={self.sequence_parallel}"
-        if self.offload_optimizer != "none" or self.offload_params != "none":
-            raise ValueError(f"{sp} is not supported with ZeRO-Offload (not verified): set "
-                             "train.offload_optimizer=none and train.offload_params=none")
-        if self.compile:
-            raise ValueError(f"{sp} is not supported with train.compile=true (the all-to-all inside the "
-                             "compiled blocks was not verified): set train.compile=false")
-        if self.zero.zero_hpz_partition_size > 1:
-            raise ValueError(f"{sp} is not supported with train.zero.zero_hpz_partition_size > 1 (hpZ's "
-                             "secondary partition over sequence-parallel ranks was not verified): set it to 1")
+        if (pp > 1 or tp > 1) and self.zero_stage == 0:
+            key, stages = ((f"train.pipeline_stages={pp}", "1") if pp > 1 else (f"train.tensor_parallel={tp}", "1 or 2"))
+            raise ValueError(f"{key} needs train.zero_stage {stages} (got 0): without ZeRO the torch optimizer clips "
+                             "by the gradient norm of this rank's own layers or shards alone, which differs between "
+                             "the ranks of a model-parallel group; set train.zero_stage=1")
 
     def _check_zero(self) -> None:
         for name in self.zero.changed():

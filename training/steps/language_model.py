@@ -378,14 +378,10 @@ class LanguageModelStep(StepModule):
         self.engine.eval()
         with torch.no_grad():
             for batch in loader:
-                tokens = batch.tokens.to(device, non_blocking=True)
-                keep = batch.keep.to(device)
-                logits = self.engine(tokens[:, :-1])  # (B, T, V); sequence parallel: this rank's chunk
-                targets = tokens[:, 1:]
-                if self.sp_group is not None:  # each rank counts its chunk's tokens, each once
-                    targets = targets[:, self.engine.module.sequence_chunk(targets.shape[1])]
-                at = 3 * batch.source
-                sums[at:at + 3] += next_token_sums(logits, targets, keep, byte_lengths)
+                found = self._micro_batch_sums(batch.tokens.to(device, non_blocking=True), batch.keep.to(device),
+                                               byte_lengths)
+                if found is not None:
+                    sums[3 * batch.source:3 * batch.source + 3] += found
         self.engine.train()
         if self.layout.tensor_parallel_rank:  # the ranks of a tensor-parallel group saw the same sequences
             sums[:-1] = 0
@@ -394,6 +390,16 @@ class LanguageModelStep(StepModule):
         per_source = totals[:-1].view(-1, 3)
         return validation_metrics(prefix, loader.names, per_source[:, 0].tolist(), per_source[:, 1].tolist(),
                                   per_source[:, 2].tolist() if with_bytes else None)
+
+    def _micro_batch_sums(self, tokens: torch.Tensor, keep: torch.Tensor,
+                          byte_lengths: torch.Tensor | None) -> torch.Tensor | None:
+        """:func:`next_token_sums` of one validation micro batch ``tokens`` (B, T + 1) on this rank
+        (sequence parallel: its chunk's tokens), or None when this rank counts none of it."""
+        logits = self.engine(tokens[:, :-1])  # (B, T, V); sequence parallel: this rank's chunk
+        targets = tokens[:, 1:]
+        if self.sp_group is not None:  # each rank counts its chunk's tokens, each once
+            targets = targets[:, self.engine.module.sequence_chunk(targets.shape[1])]
+        return next_token_sums(logits, targets, keep, byte_lengths)
 
     def _token_byte_lengths(self) -> torch.Tensor | None:
         """UTF-8 bytes per token id (:func:`token_byte_lengths`) on the device, from the shards'

@@ -21,16 +21,13 @@ from typing import Any
 
 import torch
 
-from crucible.errors import DataError
-from data_pipeline.loader.evaluation import build_eval_loader
 from model.pipeline import build_pipeline_module, head_weight_of, model_parameters
-from training.collectives import sum_over_ranks
 from training.config import PretrainConfig
 from training.engine import DistContext, build_engine
 from training.metrics import model_state_bytes
 from training.optim import build_optimizer, param_groups
 from training.steps.base import StepOutput
-from training.steps.language_model import LanguageModelStep, next_token_sums, validation_metrics
+from training.steps.language_model import LanguageModelStep, next_token_sums
 
 log = logging.getLogger("crucible.training.pipeline")
 
@@ -81,44 +78,25 @@ class PipelineLanguageModelStep(LanguageModelStep):
         return StepOutput(loss_sum, float(len(batch)), tokens, extra)
 
     def _validate(self, prefix: str, max_samples: int | None) -> dict[str, float] | None:
-        """As :meth:`LanguageModelStep._validate`, each micro batch through ``eval_batch``: the last
-        stage's loss function returns the micro batch's (nats, tokens, bytes), which it adds to
-        its source's sums; one all-reduce over every rank at the end."""
+        """As :meth:`LanguageModelStep._validate`, each micro batch through ``eval_batch`` with a loss
+        function that returns the micro batch's (nats, tokens, bytes) on the last stage."""
         try:
-            loader = build_eval_loader(self.cfg.data, self.cfg.train.micro_batch_size, self.layout.data_parallel_rank,
-                                       self.layout.data_parallel_size, split="validation", max_samples=max_samples)
-        except DataError as exc:
-            if not self._val_warned:
-                log.warning("no validation: %s", exc)
-                self._val_warned = True
-            return None
-        device = self.ctx.device
-        byte_lengths = self._token_byte_lengths()
-        sums = torch.zeros(3 * len(loader.names) + 1, dtype=torch.float64, device=device)
-        sums[-1] = float(byte_lengths is not None)
-        weight = head_weight_of(self.pipe, self.model_cfg)
-
-        def micro_sums(hidden: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            targets, keep = labels
-            return next_token_sums(torch.nn.functional.linear(hidden, weight()), targets, keep, byte_lengths)
-
-        self.pipe.loss_fn = micro_sums
-        try:
-            for batch in loader:
-                tokens = batch.tokens.to(device, non_blocking=True)
-                micro = iter([(tokens[:, :-1], (tokens[:, 1:], batch.keep.to(device)))])
-                # eval_batch adds each loss to the running training total (a scalar from train_batch,
-                # reset only there), which a (3,) sum cannot be added to: start it afresh
-                self.engine.total_loss = None
-                out = self.engine.eval_batch(micro, num_micro_batches=1, reduce_output=None, bcast_loss=False)
-                if self.is_last_stage:
-                    at = 3 * batch.source
-                    sums[at:at + 3] += out[0].to(torch.float64)
+            return super()._validate(prefix, max_samples)
         finally:
             self.pipe.loss_fn = self.train_loss
-        self.engine.train()
-        totals = sum_over_ranks(sums, device).cpu()
-        with_bytes = int(totals[-1]) == self.ctx.world_size
-        per_source = totals[:-1].view(-1, 3)
-        return validation_metrics(prefix, loader.names, per_source[:, 0].tolist(), per_source[:, 1].tolist(),
-                                  per_source[:, 2].tolist() if with_bytes else None)
+
+    def _micro_batch_sums(self, tokens: torch.Tensor, keep: torch.Tensor,
+                          byte_lengths: torch.Tensor | None) -> torch.Tensor | None:
+        weight = head_weight_of(self.pipe, self.model_cfg)
+
+        def sums(hidden: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            targets, rows = labels
+            return next_token_sums(torch.nn.functional.linear(hidden, weight()), targets, rows, byte_lengths)
+
+        self.pipe.loss_fn = sums
+        # eval_batch adds each loss to the running training total (a scalar from train_batch, reset
+        # only there), which a (3,) sum cannot be added to: start it afresh
+        self.engine.total_loss = None
+        out = self.engine.eval_batch(iter([(tokens[:, :-1], (tokens[:, 1:], keep))]), num_micro_batches=1,
+                                     reduce_output=None, bcast_loss=False)
+        return out[0].to(torch.float64) if self.is_last_stage else None
