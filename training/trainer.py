@@ -131,7 +131,7 @@ def plan_resume(cfg: Any, ctx: DistContext) -> tuple[ckpt.CheckpointInfo | None,
             f"{saved_world} ranks; resuming on {ctx.world_size} ranks needs train.zero_stage >= 1"
         )
     for key, what in (("tensor_parallel", "AutoTP"), ("pipeline_stages", "pipeline")):
-        if universal and getattr(cfg.train, key) > 1:
+        if universal and getattr(cfg.train, key, 1) > 1:
             raise UserError(
                 f"checkpoint {info.path} was saved on {saved_world} ranks with train.{key}="
                 f"{getattr(cfg.train, key)}; resuming it on {ctx.world_size} ranks is not supported (the "
