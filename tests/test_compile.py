@@ -110,6 +110,8 @@ def test_compile_key_defaults_off_and_gpu_recipes_turn_it_on():
     assert recipes
     for recipe in recipes:
         train = yaml.safe_load(recipe.read_text())["train"]
-        assert train.get("compile") is True, f"{recipe.name}: train.compile should be true"
+        # compile inside sequence/tensor/pipeline-parallel blocks is not verified yet (refused)
+        model_parallel = any(train.get(k, 1) > 1 for k in ("sequence_parallel", "pipeline_stages", "tensor_parallel"))
+        assert train.get("compile") is (not model_parallel), f"{recipe.name}: train.compile should be {not model_parallel}"
     for recipe in sorted((ROOT / "configs" / "pretrain").glob("cpu_*.yaml")):
         assert not yaml.safe_load(recipe.read_text())["train"].get("compile", False), recipe.name
