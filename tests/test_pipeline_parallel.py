@@ -162,15 +162,21 @@ def test_pipeline_two_stages_follow_one_rank_resume_bit_for_bit_and_export(mp_ma
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pipeline_two_stages_by_two_data_parallel_on_four_ranks_with_tied_embeddings(mp_manifest, tmp_path):
+    """Both runs get a NaN loss in step 4 (rank 0's forward, 0-based step 3): the non-finite
+    policy skips that step on every stage and data-parallel rank alike, as on one rank."""
     tied = ("model.tie_embeddings=true", "checkpoint.every=0", "checkpoint.write_model_dir=never")
+    nan = {"CRUCIBLE_FAULT_NAN_STEPS": "3"}
     reference = tmp_path / "single-tied"
-    launch(reference, mp_manifest, *tied, num_gpus=1).check()
+    launch(reference, mp_manifest, *tied, num_gpus=1, env=nan).check()
     run = tmp_path / "pp2dp2"
-    result = launch(run, mp_manifest, *tied, "train.pipeline_stages=2", num_gpus=4, timeout=400)
+    result = launch(run, mp_manifest, *tied, "train.pipeline_stages=2", num_gpus=4, timeout=400, env=nan)
     result.check()
     said = "".join(result.rank_logs.values()) + result.stdout
     assert "global batch 8 (4 x 1 x 2)" in said, said[-3000:]  # micro x accumulation x data-parallel
-    _follows(run, reference, "pipeline 2 x data 2, tied")
+    for recs in (records(run), records(reference)):
+        skipped = by_step(recs, "train/skipped_steps")
+        assert [skipped[s]["train/skipped_steps"] for s in (3, 4, 10)] == [0.0, 1.0, 1.0]
+    _follows(run, reference, "pipeline 2 x data 2, tied, one skipped step")
 
 
 def test_dry_run_prints_the_pipeline_groups_stages_and_save_bytes(mp_manifest, capsys):
