@@ -2,7 +2,9 @@
 one 1-rank reference run (session fixtures in tests/conftest.py), so each layout is compared with
 the same 10 steps and the reference is paid once.
 
-The recipe: the tiny preset (2 blocks, 4 heads, 2 key/value heads), ZeRO-1, global batch 8
+The recipe: the tiny preset (2 blocks, 4 heads, 2 key/value heads) with document attention
+(packed documents do not see each other: the document ids cross pipeline stages, split with the
+heads under sequence and tensor parallelism), ZeRO-1, global batch 8
 (micro batch 4 x 2 accumulation steps on one data-parallel rank), 10 steps, a checkpoint every 5,
 validation at steps 5 and 10, logged every step.
 """
@@ -26,7 +28,7 @@ def launch(run_dir: Path, manifest: Path, *overrides: str, num_gpus: int = 1,
     """``deepspeed --num_gpus N launcher/pretrain.py`` with the shared recipe and ``overrides``."""
     args = ["--config", RECIPE, f"run_dir={run_dir}", f"data.manifests=[{manifest}]", f"train.max_steps={STEPS}",
             "train.micro_batch_size=4", "train.grad_accum_steps=null", f"train.global_batch_size={GLOBAL_BATCH}",
-            "train.zero_stage=1", "schedule.warmup_steps=2", "checkpoint.every=5", "checkpoint.keep_last=3",
+            "train.zero_stage=1", "model.attention=document", "schedule.warmup_steps=2", "checkpoint.every=5", "checkpoint.keep_last=3",
             "checkpoint.write_model_dir=end", "log.every=1", "train.eval_every=5", "train.eval_batches=1",
             "train.eval_full_at_end=false", *overrides]
     return run_deepspeed(LAUNCHER, args, num_gpus=num_gpus, timeout=timeout, env=env,

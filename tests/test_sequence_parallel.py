@@ -2,9 +2,10 @@
 
 - Config refusals (in-process): the combinations that were not verified, and the shapes that do
   not split.
-- One launch pair: sequence parallel 2 on 2 ranks (ZeRO-3, document attention) follows the 1-rank run
-  with the same global batch for 10 steps, with a rank SIGKILLed while saving step 6 and the
-  rerun resuming from step 3 and reproducing the losses it had logged before the kill bit for bit.
+- Sequence parallel 2 on 2 ranks (ZeRO-3) follows the shared 1-rank run of tests/model_parallel.py
+  (document attention, the same global batch) for 10 steps, with a rank SIGKILLed while saving
+  step 10 and the rerun resuming from step 5 and reproducing the losses it had logged before the
+  kill bit for bit; a rerun without sequence parallelism is refused.
 - Long context (2 in-process gloo ranks, the model only): the tiny model at 8x its length (YaRN), the
   loss and gradients of the split sequence equal the whole sequence's, and each rank keeps about
   half the activation bytes of one rank, printed beside the ``--dry-run`` estimate; one ZeRO-2
@@ -21,20 +22,20 @@ a chunk from the wrong positions) moves both by more than 1e-2.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from crucible.errors import ConfigError
-from tests.datasets import make_token_dataset
-from tests.harness import ROOT, run_deepspeed, run_on_ranks
-
-LAUNCHER = ROOT / "launcher" / "pretrain.py"
-RECIPE = "configs/pretrain/cpu_tiny.yaml"
-STEPS = 10
-
+from tests.harness import run_on_ranks
+from tests.model_parallel import (
+    GLOBAL_BATCH,
+    RECIPE,
+    STEPS,
+    by_step,
+    launch,
+    records,
+    worst_relative,
+)
 
 # ------------------------------------------------------------------------------ refusals
 
@@ -63,65 +64,36 @@ def test_unverified_combinations_and_unsplittable_shapes_are_refused():
 
 # ------------------------------------------------------------------- training and resume
 
-@pytest.fixture(scope="module")
-def sp_manifest(tmp_path_factory) -> Path:
-    return make_token_dataset(tmp_path_factory.mktemp("sp-tokens"))
-
-
-def _launch(run_dir: Path, manifest: Path, *overrides: str, num_gpus: int, env: dict[str, str] | None = None):
-    args = ["--config", RECIPE, f"run_dir={run_dir}", f"data.manifests=[{manifest}]", f"train.max_steps={STEPS}",
-            "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.zero_stage=3", "model.attention=document",
-            "checkpoint.every=3", "checkpoint.keep_last=3", "checkpoint.write_model_dir=false", "log.every=1",
-            "train.eval_every=5", "train.eval_batches=1", "train.eval_full_at_end=false", *overrides]
-    return run_deepspeed(LAUNCHER, args, num_gpus=num_gpus, timeout=300, env=env,
-                         log_dir=run_dir.parent / f"{run_dir.name}-launch-logs")
-
-
-def _records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def _by_step(records: list[dict], key: str) -> dict[int, dict]:
-    return {rec["step"]: rec for rec in records if key in rec}
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sequence_parallel_two_ranks_follow_one_rank_and_resume_bit_for_bit(sp_manifest, tmp_path):
-    single = tmp_path / "single"
-    _launch(single, sp_manifest, num_gpus=1).check()
-    want = _by_step(_records(single), "train/loss")
-    assert sorted(want) == list(range(1, STEPS + 1))
-
-    run = tmp_path / "sp2"  # rank 1 SIGKILLs itself while saving step 6: the rerun resumes from step 3
-    killed = _launch(run, sp_manifest, "train.sequence_parallel=2", num_gpus=2,
-                     env={"CRUCIBLE_FAULT_KILL_IN_SAVE": "6"})
+def test_sequence_parallel_two_ranks_follow_one_rank_and_resume_bit_for_bit(mp_manifest, mp_reference, tmp_path):
+    """SP2 under ZeRO-3 (the loss scaled by 2 there) against the shared 1-rank run (ZeRO-1)."""
+    want = by_step(records(mp_reference), "train/loss")
+    sp = ("train.sequence_parallel=2", "train.zero_stage=3")
+    run = tmp_path / "sp2"  # rank 1 SIGKILLs itself while saving step 10: the rerun resumes from step 5
+    killed = launch(run, mp_manifest, *sp, num_gpus=2, env={"CRUCIBLE_FAULT_KILL_IN_SAVE": str(STEPS)})
     assert killed.returncode != 0
-    before = _by_step(_records(run), "train/loss")
-    assert sorted(before) == list(range(1, 7)), killed.describe()
-    logged = len(_records(run))
-    _launch(run, sp_manifest, "train.sequence_parallel=2", num_gpus=2).check()
-    after = _by_step(_records(run)[logged:], "train/loss")
-    assert sorted(after) == list(range(4, STEPS + 1))
-    for step in (4, 5, 6):  # the rerun repeats what the interrupted run computed, bit for bit
+    before = by_step(records(run), "train/loss")
+    assert sorted(before) == list(range(1, STEPS + 1)), killed.describe()
+    logged = len(records(run))
+    launch(run, mp_manifest, *sp, num_gpus=2).check()
+    after = by_step(records(run)[logged:], "train/loss")
+    assert sorted(after) == list(range(6, STEPS + 1))
+    for step in after:  # the rerun repeats what the interrupted run computed, bit for bit
         for key in ("train/loss", "train/grad_norm"):
             assert after[step][key] == before[step][key], f"step {step} {key}"
 
-    got = {**before, **after}
-    worst = {"train/loss": 0.0, "train/grad_norm": 0.0}
-    for step in range(1, STEPS + 1):
-        assert got[step]["consumed_samples"] == want[step]["consumed_samples"] == 4 * step
-        for key, largest in worst.items():
-            worst[key] = max(largest, abs(got[step][key] / want[step][key] - 1))
+    for step in before:
+        assert before[step]["consumed_samples"] == want[step]["consumed_samples"] == GLOBAL_BATCH * step
+    worst = worst_relative(before, want)
     print(f"SP2 vs 1 rank over {STEPS} steps, largest relative difference: {worst}")
     assert worst["train/loss"] < 1e-5 and worst["train/grad_norm"] < 1e-4, worst
-    assert got[STEPS]["train/loss"] < got[1]["train/loss"]
-    val_got, val_want = _by_step(_records(run), "val/loss"), _by_step(_records(single), "val/loss")
+    assert before[STEPS]["train/loss"] < before[1]["train/loss"]
+    val_got, val_want = by_step(records(run), "val/loss"), by_step(records(mp_reference), "val/loss")
     assert val_got[10]["val/loss"] == pytest.approx(val_want[10]["val/loss"], rel=1e-5)
 
     # the checkpoints hold sequence-parallel chunks of the data order: another layout is refused
-    other = _launch(run, sp_manifest, "train.sequence_parallel=1", "train.max_steps=12", num_gpus=2)
+    other = launch(run, mp_manifest, "train.zero_stage=3", "train.max_steps=12", num_gpus=2)
     assert other.returncode != 0
     said = other.stdout + "".join(other.rank_logs.values())
     assert "was saved with train.sequence_parallel=2 and this run sets 1" in said, other.describe()
@@ -243,12 +215,12 @@ def test_long_context_split_over_two_ranks_halves_activation_memory():
     assert kept[2] / kept[1] == pytest.approx(0.5)
 
 
-def test_dry_run_prints_the_groups_and_activations_per_rank(sp_manifest, capsys):
+def test_dry_run_prints_the_groups_and_activations_per_rank(mp_manifest, capsys):
     """The groups for --world-size ranks, the data-parallel size, activations per rank; heads that
     do not split are refused before any plan is printed (exit 2)."""
     from launcher.pretrain import main
 
-    common = ["--config", RECIPE, "--dry-run", "--world-size", "4", f"data.manifests=[{sp_manifest}]"]
+    common = ["--config", RECIPE, "--dry-run", "--world-size", "4", f"data.manifests=[{mp_manifest}]"]
     assert main([*common, "train.sequence_parallel=2", "train.grad_accum_steps=null"]) == 0
     out = capsys.readouterr().out
     assert "sequence-parallel groups (2 of 2 rank(s)): [0, 1], [2, 3]" in out

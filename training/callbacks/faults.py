@@ -94,9 +94,14 @@ class FaultInjection(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _nan_output(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-    """Training forward passes only: an evaluation that follows the step stays finite."""
-    return output * float("nan") if module.training else output
+def _nan_output(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+    """Training forward passes only: an evaluation that follows the step stays finite. A tuple
+    (a pipeline stage's hidden states with the token ids beside them) gets NaN in its first part."""
+    if not module.training:
+        return output
+    if isinstance(output, tuple):
+        return (output[0] * float("nan"), *output[1:])
+    return output * float("nan")
 
 
 def append_sample_hashes(run_dir: Path, rank: int, step: int, batch: list[Any]) -> None:
