@@ -195,3 +195,15 @@ def test_dry_run_prints_the_pipeline_groups_stages_and_save_bytes(mp_manifest, c
     assert "pipeline of 2 stages: 0.1M parameters on the largest stage" in out
     assert "rank 0:     0.00 GiB (820,480 bytes)" in out  # 82,048 x (12 / 2 data-parallel ranks + 4 fp32)
     assert "each other model-parallel part's writer (1 rank(s)):     0.00 GiB (821,120 bytes)" in out
+
+
+def test_universal_conversion_of_a_model_parallel_checkpoint_is_refused(tmp_path):
+    from crucible.errors import UserError
+    from training.checkpoint import STATE_FILE, convert_to_universal
+
+    for key in ("pipeline_stages", "tensor_parallel"):
+        ckpt = tmp_path / key / "step_00000010"
+        ckpt.mkdir(parents=True)
+        (ckpt / STATE_FILE).write_text(json.dumps({"step": 10, key: 2}))
+        with pytest.raises(UserError, match=f"train.{key}=2: its universal conversion is not supported"):
+            convert_to_universal(ckpt)

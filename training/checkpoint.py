@@ -399,6 +399,12 @@ def convert_to_universal(ckpt_dir: Path, workers: int = 1) -> Path:
     """
     if workers < 1:
         raise UserError(f"workers={workers}: the conversion needs at least 1 worker process")
+    state = read_trainer_state(ckpt_dir) if (ckpt_dir / STATE_FILE).is_file() else {}
+    for key in ("pipeline_stages", "tensor_parallel"):
+        if int(state.get(key, 1) or 1) > 1:
+            raise UserError(f"{ckpt_dir} was saved with train.{key}={state[key]}: its universal conversion is not "
+                            "supported (not verified for pipeline and AutoTP checkpoints); resume it on the number "
+                            "of ranks that saved it")
     out = ckpt_dir / UNIVERSAL
     problem = universal_problem(ckpt_dir)
     if problem is None:
