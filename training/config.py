@@ -189,8 +189,9 @@ class TrainConfig(Section):
                              "that the pipeline accumulates over micro batches")
         if tp > 1 and self.zero_stage == 3:
             raise ValueError(f"train.tensor_parallel={tp} needs train.zero_stage 1 or 2 (got 3): AutoTP with "
-                             "ZeRO-3 was not verified; use ZeRO-1/2 with tensor parallelism (its weights are "
-                             "already split T ways)")
+                             "ZeRO-3 trains (2 CPU ranks gave the 1-rank losses), but the model directory cannot "
+                             "be written from its checkpoints yet (ZeRO-3 partitions of the tensor-parallel "
+                             "shards); use ZeRO-1/2 with tensor parallelism (its weights are already split T ways)")
         if (pp > 1 or tp > 1) and self.zero_stage == 0:
             key, stages = ((f"train.pipeline_stages={pp}", "1") if pp > 1 else (f"train.tensor_parallel={tp}", "1 or 2"))
             raise ValueError(f"{key} needs train.zero_stage {stages} (got 0): without ZeRO the torch optimizer clips "
