@@ -57,3 +57,33 @@ def worst_relative(got: dict[int, dict], want: dict[int, dict], keys: tuple[str,
                 continue
             worst[key] = max(worst[key], abs(a / b - 1))
     return worst
+
+
+def final_state(run: Path) -> dict:
+    """The trainer state of the run's newest checkpoint."""
+    latest = json.loads((run / "latest.json").read_text())
+    return json.loads((run / latest["checkpoint"] / "trainer_state.json").read_text())
+
+
+def assert_follows(run: Path, reference: Path, label: str) -> dict[str, float]:
+    """``run`` (a model-parallel layout) logged the same 10 steps as ``reference`` (1 rank, the same
+    recipe and global batch): samples and tokens counted once, losses within 1e-5 and gradient norms
+    within 1e-4 relative (see the test modules for why), validation loss and bits per byte at steps
+    5 and 10 within 1e-5. Returns the largest relative differences (printed with ``label``)."""
+    import pytest
+
+    got, want = by_step(records(run), "train/loss"), by_step(records(reference), "train/loss")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step]["consumed_samples"] == want[step]["consumed_samples"] == GLOBAL_BATCH * step
+    assert final_state(run)["consumed_tokens"] == final_state(reference)["consumed_tokens"]
+    worst = worst_relative(got, want)
+    print(f"{label} vs 1 rank over {STEPS} steps, largest relative difference: {worst}")
+    assert worst["train/loss"] < 1e-5 and worst["train/grad_norm"] < 1e-4, worst
+    assert got[STEPS]["train/loss"] < got[1]["train/loss"]
+    val_got, val_want = by_step(records(run), "val/loss"), by_step(records(reference), "val/loss")
+    assert sorted(val_got) == [5, 10]
+    for step in (5, 10):
+        for key in ("val/loss", "val/bits_per_byte"):
+            assert val_got[step][key] == pytest.approx(val_want[step][key], rel=1e-5), f"step {step} {key}"
+    return worst

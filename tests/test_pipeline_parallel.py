@@ -24,7 +24,7 @@ import json
 import pytest
 import torch
 
-from tests.model_parallel import GLOBAL_BATCH, STEPS, by_step, launch, records, worst_relative
+from tests.model_parallel import STEPS, assert_follows, by_step, launch, records
 
 
 def test_pipeline_layers_start_from_the_transformers_weights_on_any_stage_split():
@@ -112,27 +112,6 @@ def test_refused_pipeline_combinations_name_the_reason():
         check_model_parallel(TrainConfig(pipeline_stages=4), n_layers=2, n_heads=4, kv_heads=2, hidden_dim=64)
 
 
-def _final_state(run) -> dict:
-    latest = json.loads((run / "latest.json").read_text())
-    return json.loads((run / latest["checkpoint"] / "trainer_state.json").read_text())
-
-
-def _follows(run, reference, extra=""):
-    got, want = by_step(records(run), "train/loss"), by_step(records(reference), "train/loss")
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in got:
-        assert got[step]["consumed_samples"] == want[step]["consumed_samples"] == GLOBAL_BATCH * step
-    assert _final_state(run)["consumed_tokens"] == _final_state(reference)["consumed_tokens"]  # counted once
-    worst = worst_relative(got, want)
-    print(f"{extra} vs 1 rank over {STEPS} steps, largest relative difference: {worst}")
-    assert worst["train/loss"] < 1e-5 and worst["train/grad_norm"] < 1e-4, worst
-    val_got, val_want = by_step(records(run), "val/loss"), by_step(records(reference), "val/loss")
-    assert sorted(val_got) == [5, 10]
-    for step in (5, 10):
-        assert val_got[step]["val/loss"] == pytest.approx(val_want[step]["val/loss"], rel=1e-5)
-        assert val_got[step]["val/bits_per_byte"] == pytest.approx(val_want[step]["val/bits_per_byte"], rel=1e-5)
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pipeline_two_stages_follow_one_rank_resume_bit_for_bit_and_export(mp_manifest, mp_reference, tmp_path):
@@ -150,7 +129,7 @@ def test_pipeline_two_stages_follow_one_rank_resume_bit_for_bit_and_export(mp_ma
     for step in after:  # the rerun repeats what the interrupted run computed, bit for bit
         for key in ("train/loss", "train/grad_norm", "train/lr"):
             assert after[step][key] == before[step][key], f"step {step} {key}"
-    _follows(run, mp_reference, "pipeline 2")
+    assert_follows(run, mp_reference, "pipeline 2")
 
     # the model directory made from the pipeline's checkpoint (one optimizer shard per stage)
     got, want = load_weights(find_model_dir(run)), load_weights(find_model_dir(mp_reference))
@@ -176,7 +155,7 @@ def test_pipeline_two_stages_by_two_data_parallel_on_four_ranks_with_tied_embedd
     for recs in (records(run), records(reference)):
         skipped = by_step(recs, "train/skipped_steps")
         assert [skipped[s]["train/skipped_steps"] for s in (3, 4, 10)] == [0.0, 1.0, 1.0]
-    _follows(run, reference, "pipeline 2 x data 2, tied, one skipped step")
+    assert_follows(run, reference, "pipeline 2 x data 2, tied, one skipped step")
 
 
 def test_dry_run_prints_the_pipeline_groups_stages_and_save_bytes(mp_manifest, capsys):

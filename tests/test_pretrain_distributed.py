@@ -129,7 +129,9 @@ def test_zero_stages_two_ranks_match_one_rank(token_manifest, tmp_path):
            num_gpus=1).check()
     want = metrics(single)
     assert len(want) == 8
-    for stage in (0, 1, 2, 3):
+    # ZeRO-1 is DeepSpeed's ZeRO-2 code (stage_1_and_2) with gradients reduced at the boundary; its
+    # 2-rank equivalence is also shown by tests/test_pipeline_parallel.py (pipeline 2 x data 2, ZeRO-1)
+    for stage in (0, 2, 3):
         run = tmp_path / f"zero{stage}"
         launch(run, token_manifest, f"train.zero_stage={stage}", *steps).check()
         got = metrics(run)

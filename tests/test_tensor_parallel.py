@@ -35,7 +35,7 @@ import torch
 
 from crucible.errors import ConfigError
 from model.tensor_parallel import PARTITION_CONFIG, partition_dim
-from tests.model_parallel import GLOBAL_BATCH, STEPS, by_step, launch, records, worst_relative
+from tests.model_parallel import GLOBAL_BATCH, STEPS, assert_follows, by_step, launch, records
 
 
 def _cfg(**train):
@@ -129,16 +129,7 @@ def test_tensor_parallel_two_ranks_follow_one_rank_export_full_weights_and_resum
 
     run = tmp_path / "tp2"
     launch(run, mp_manifest, "train.tensor_parallel=2", num_gpus=2).check()
-    got, want = by_step(records(run), "train/loss"), by_step(records(mp_reference), "train/loss")
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in got:  # one data-parallel rank: the global batch, not twice it
-        assert got[step]["consumed_samples"] == want[step]["consumed_samples"] == GLOBAL_BATCH * step
-    worst = worst_relative(got, want)
-    print(f"TP2 vs 1 rank over {STEPS} steps, largest relative difference: {worst}")
-    assert worst["train/loss"] < 1e-5 and worst["train/grad_norm"] < 1e-4, worst
-    assert got[STEPS]["train/loss"] < got[1]["train/loss"]
-    val_got, val_want = by_step(records(run), "val/loss"), by_step(records(mp_reference), "val/loss")
-    assert val_got[STEPS]["val/loss"] == pytest.approx(val_want[STEPS]["val/loss"], rel=1e-5)
+    assert_follows(run, mp_reference, "TP2")
 
     ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
     assert (ckpt / "mp_rank_01_model_states.pt").is_file()  # each tensor-parallel rank saved its shard
