@@ -13,8 +13,11 @@ from tests.harness import ROOT, cpu_env
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_reduced_demo_end_to_end(tmp_path):
+    """30 pretraining steps (validation loss falls from its first evaluation, about 7.8 -> 7.0) and
+    90 fine-tune steps (test accuracy 0.70 measured, the check asks majority + 0.10 = 0.62): the
+    fine-tune's margin comes from its own steps, not from the pretraining's length."""
     run = tmp_path / "demo"
-    cmd = [sys.executable, "launcher/demo.py", "--run-dir", str(run), "--pretrain-steps", "60",
+    cmd = [sys.executable, "launcher/demo.py", "--run-dir", str(run), "--pretrain-steps", "30",
            "--finetune-steps", "90", "--master-port", "29741"]
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=1500)
     logs = "\n".join(p.read_text()[-3000:] for p in sorted((run / "logs").glob("*.log"))) if (run / "logs").is_dir() else ""

@@ -89,6 +89,12 @@ class TaskKind(ABC):
                   eos_id: int) -> dict[str, list]:
         """``datasets.map(batched=True)`` function: token ids and targets per row."""
 
+    def feature_types(self) -> datasets.Features | None:
+        """The Arrow types of :meth:`featurize`'s columns, or None to let ``datasets`` infer
+        them. Given, ``datasets.map`` skips its type inference over every value, which for
+        nested columns (QA's per-token offsets) costs more than the tokenisation itself."""
+        return None
+
     def collate(self, rows: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids (B, T) and the kind's targets."""
         width = max(len(r["input_ids"]) for r in rows)

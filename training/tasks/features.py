@@ -83,7 +83,7 @@ def featurize(data: TaskData, task: TaskKind, tokenizer: Any) -> dict[str, datas
     out = {}
     for split in SPLITS:
         ds = data.split(split)
-        out[split] = ds.map(fn, batched=True, remove_columns=ds.column_names,
+        out[split] = ds.map(fn, batched=True, remove_columns=ds.column_names, features=task.feature_types(),
                             desc=f"featurize {split}", load_from_cache_file=False)
     return out
 

@@ -85,7 +85,9 @@ def featurize(batch: dict[str, list], tokenizer: Any, max_length: int, doc_strid
             q_enc, c_enc["input_ids"], c_enc["offset_mapping"], batch["context"],
             batch["answers"], batch["id"]):
         q_ids = list(q_ids)[: max_length // 2]
+        c_ids = list(c_ids)
         c_off = _lstrip_offsets(context, [tuple(o) for o in c_off])
+        c_off_rows = [list(o) for o in c_off]  # windows share these rows (sliced, not copied)
         room = max_length - len(q_ids) - 2
         span = None
         if answers["text"]:
@@ -94,14 +96,14 @@ def featurize(batch: dict[str, list], tokenizer: Any, max_length: int, doc_strid
         step = max(room - doc_stride, 1)
         begin = 0
         while True:
-            window = list(range(begin, min(begin + room, len(c_ids))))
+            stop = min(begin + room, len(c_ids))  # the window: context tokens [begin, stop)
             ctx0 = len(q_ids) + 1
-            ids = q_ids + [eos_id] + [c_ids[i] for i in window] + [eos_id]
+            ids = q_ids + [eos_id] + c_ids[begin:stop] + [eos_id]
             start = end = 0
-            if span is not None and window and window[0] <= span[0] and span[1] <= window[-1]:
-                start, end = ctx0 + span[0] - window[0], ctx0 + span[1] - window[0]
+            if span is not None and begin < stop and begin <= span[0] and span[1] <= stop - 1:
+                start, end = ctx0 + span[0] - begin, ctx0 + span[1] - begin
             out["input_ids"].append(ids)
-            out["offsets"].append([list(c_off[i]) for i in window])
+            out["offsets"].append(c_off_rows[begin:stop])
             out["context_start"].append(ctx0)
             out["start"].append(start)
             out["end"].append(end)
@@ -198,6 +200,13 @@ class QuestionAnsweringTask(TaskKind):
     def featurize(self, batch: dict[str, list], tokenizer: Any, labels: list[str],
                   eos_id: int) -> dict[str, list]:
         return featurize(batch, tokenizer, self.cfg.max_length, self.cfg.doc_stride, eos_id)
+
+    def feature_types(self) -> datasets.Features:
+        ints = datasets.Sequence(datasets.Value("int32"))
+        return datasets.Features({
+            "input_ids": ints, "offsets": datasets.Sequence(ints), "context_start": datasets.Value("int32"),
+            "start": datasets.Value("int32"), "end": datasets.Value("int32"),
+            "example_id": datasets.Value("string"), "answer_aligned": datasets.Value("bool")})
 
     def targets(self, rows: list[dict], width: int) -> torch.Tensor:
         return torch.tensor([[r["start"], r["end"]] for r in rows], dtype=torch.long)
