@@ -60,13 +60,14 @@ def trim_span(context: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def _lstrip_offsets(context: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Offsets of sentencepiece pieces may include the leading space ("▁word"); drop it."""
+def _lstrip_offsets(context: str, offsets: list[tuple[int, int]]) -> list[list[int]]:
+    """Offsets of sentencepiece pieces may include the leading space ("▁word"); drop it. Rows are
+    ``[start, end]`` lists, the form the feature column stores (windows share them by slicing)."""
     out = []
     for s, e in offsets:
         while s < e and context[s].isspace():
             s += 1
-        out.append((s, e))
+        out.append([s, e])
     return out
 
 
@@ -86,8 +87,7 @@ def featurize(batch: dict[str, list], tokenizer: Any, max_length: int, doc_strid
             batch["answers"], batch["id"]):
         q_ids = list(q_ids)[: max_length // 2]
         c_ids = list(c_ids)
-        c_off = _lstrip_offsets(context, [tuple(o) for o in c_off])
-        c_off_rows = [list(o) for o in c_off]  # windows share these rows (sliced, not copied)
+        c_off = _lstrip_offsets(context, c_off)
         room = max_length - len(q_ids) - 2
         span = None
         if answers["text"]:
@@ -103,7 +103,7 @@ def featurize(batch: dict[str, list], tokenizer: Any, max_length: int, doc_strid
             if span is not None and begin < stop and begin <= span[0] and span[1] <= stop - 1:
                 start, end = ctx0 + span[0] - begin, ctx0 + span[1] - begin
             out["input_ids"].append(ids)
-            out["offsets"].append(c_off_rows[begin:stop])
+            out["offsets"].append(c_off[begin:stop])
             out["context_start"].append(ctx0)
             out["start"].append(start)
             out["end"].append(end)
